@@ -1,0 +1,230 @@
+"""MiniCPM-V 2.0: timm SigLIP ViT (`vpm`), the fixed-query resampler, MiniCPM-2.4B (`llm`).
+
+MiniCPM-2.4B is Llama-shaped (RMSNorm, SwiGLU, RoPE, the same key names) with muP scalings:
+each residual branch times scale_depth / sqrt(num_layers), the final hidden state divided by
+hidden_size / dim_model_base before lm_head, and token embeddings times scale_emb (applied by
+`MiniCPMV.embed_inputs`, since the wrapper always passes inputs_embeds). transformers ships no class
+for it, so it is written here on top of transformers' Llama modules.
+
+The vision encoder keeps timm 0.9.10's `vit_so400m_patch14_siglip_384` parameter names
+(`patch_embed.proj`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,
+`norm`) without depending on timm; the last block is dropped (`drop_vision_last_layer`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Idefics2VisionConfig, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from .minicpmv import MiniCPMV
+
+# ---------------------------------------------------------------------------------------------------
+# Language model: MiniCPM-2.4B
+
+
+class MiniCPMDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose two residual branches are scaled by scale_depth / sqrt(L)."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.residual_scale = config.scale_depth / math.sqrt(config.num_hidden_layers)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        attended, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attended * self.residual_scale
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + mlp_out * self.residual_scale
+
+
+class MiniCPMFinalNorm(LlamaRMSNorm):
+    """The final RMSNorm, followed by MiniCPM's division by hidden_size / dim_model_base.
+
+    Upstream divides right before lm_head; doing it here is the same arithmetic and lets every
+    caller of `llm.model` + `llm.lm_head` (generation, our selective-logits loss) get it for free.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, logit_divisor: float) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.logit_divisor = logit_divisor
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states) / self.logit_divisor
+
+
+class MiniCPMModel(LlamaModel):
+    def __init__(self, config: LlamaConfig) -> None:
+        LlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [MiniCPMDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = MiniCPMFinalNorm(
+            config.hidden_size, config.rms_norm_eps, config.hidden_size / config.dim_model_base
+        )
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class MiniCPMForCausalLM(LlamaForCausalLM):
+    """MiniCPM-2.4B as driven by MiniCPM-V 2.0 (through inputs_embeds, already scaled by scale_emb)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = MiniCPMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision encoder: timm SigLIP so400m/14 at 384 px, timm parameter names
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(GradientCheckpointingLayer):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """timm's resample_abs_pos_embed: bicubic, antialiased, in float32, no prefix tokens.
+
+    [1, N*N, D] -> [1, height*width, D].
+    """
+    side = int(math.isqrt(pos_embed.shape[1]))
+    if (height, width) == (side, side):
+        return pos_embed
+    grid = pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(height, width), mode="bicubic", antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(1, height * width, -1).to(pos_embed.dtype)
+
+
+class SiglipViT(nn.Module):
+    """`vpm` of MiniCPM-V 2.0: timm's forward_features with a dynamic image size, no pooling head."""
+
+    def __init__(self, config: Idefics2VisionConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        side = config.image_size // config.patch_size
+        self.patch_embed = PatchEmbed(config.patch_size, config.hidden_size)
+        self.pos_embed = nn.Parameter(torch.empty(1, side * side, config.hidden_size))
+        self.blocks = nn.ModuleList(
+            Block(config.hidden_size, config.num_attention_heads, config.intermediate_size, config.layer_norm_eps)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] (H, W multiples of the patch size) -> [B, H/P * W/P, hidden]."""
+        height, width = images.shape[2] // self.patch_size, images.shape[3] // self.patch_size
+        x = self.patch_embed(images) + resample_pos_embed(self.pos_embed, height, width).to(images.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def strips_to_images(strips: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """Undoes reshape_by_patch: [B, 3, P, >=h*w*P] strips -> [B, 3, h*P, w*P] images."""
+    batch = strips.shape[0]
+    patches = strips[..., : height * width * patch_size].reshape(batch, 3, patch_size, height, width, patch_size)
+    return patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, 3, height * patch_size, width * patch_size)
+
+
+class MiniCPMV2(MiniCPMV):
+    _no_split_modules = ["MiniCPMDecoderLayer", "Block", "Resampler"]
+    # 2.0's queries carry a fixed 8x8 sin-cos table (a checkpoint parameter).
+    resampler_fixed_query_pos = True
+
+    def build_llm(self, text_config: LlamaConfig) -> MiniCPMForCausalLM:
+        return MiniCPMForCausalLM(text_config)
+
+    def build_vision(self, vision_config: Idefics2VisionConfig) -> SiglipViT:
+        return SiglipViT(vision_config)
+
+    def encode_slices(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        # The released model encodes one image per call; slices of equal size are batched here,
+        # which is the same arithmetic (no padding, no mask) with fewer calls.
+        features = [None] * pixel_values.shape[0]
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, (height, width) in enumerate(tgt_sizes.tolist()):
+            by_size[(height, width)].append(index)
+        for (height, width), indices in by_size.items():
+            images = strips_to_images(pixel_values[indices], self.vpm.patch_size, height, width)
+            sizes = tgt_sizes[indices]
+            for index, feature in zip(indices, self.resampler(self.vpm(images), sizes)):
+                features[index] = feature
+        return torch.stack(features)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SiglipViT):
+            init.trunc_normal_(module.pos_embed, std=0.02)
+
+
+__all__ = ["MiniCPMForCausalLM", "MiniCPMV2", "SiglipViT", "strips_to_images"]
