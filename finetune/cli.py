@@ -1,0 +1,92 @@
+"""`finetune <command>`: the one place that turns errors in the user's input into messages and exit codes.
+
+Bad data, bad arguments and unusable model directories end with a message on stderr and exit
+status 2, never a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+COMMANDS = {
+    "train": "fine-tune a model (arguments: `finetune train --help`)",
+    "check-data": "validate a dataset against a model before training",
+    "make-tiny": "write a tiny random-weight model for tests and demos",
+}
+
+
+def _make_tiny(argv: list[str]) -> None:
+    from .models.tiny import write_tiny_model
+
+    parser = argparse.ArgumentParser(prog="finetune make-tiny", description=COMMANDS["make-tiny"])
+    parser.add_argument("--family", required=True, choices=["2.0", "2.5", "2.6"])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_tiny_model(args.family, args.out, seed=args.seed))
+
+
+def _check_data(argv: list[str]) -> None:
+    from .data.check import check_data
+    from .data.dataset import DataSettings, SampleEncoder
+    from .data.errors import DataErrors
+    from .models.config import detect_family
+    from .models.loading import read_config
+    from .models.tokenizer import load_tokenizer, special_token_ids
+
+    parser = argparse.ArgumentParser(prog="finetune check-data", description=COMMANDS["check-data"])
+    parser.add_argument("data", help=".json/.jsonl files, comma-separated")
+    parser.add_argument("--model", required=True, help="model directory (the family and tokenizer come from it)")
+    parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument("--max_slice_nums", type=int, default=9)
+    parser.add_argument("--image_root", default=None)
+    parser.add_argument("--truncation", choices=["turns", "reject"], default="turns")
+    args = parser.parse_args(argv)
+    config = read_config(args.model)
+    tokenizer = load_tokenizer(args.model)
+    settings = DataSettings(detect_family(config), config["query_num"], args.max_slice_nums,
+                            args.model_max_length, truncate=args.truncation == "turns")
+    report = check_data(args.data, SampleEncoder(settings, tokenizer, special_token_ids(tokenizer)),
+                        image_root=args.image_root)
+    print(report.summary(args.model_max_length))
+    if report.errors:
+        raise DataErrors(report.errors)
+
+
+def _train(argv: list[str]) -> None:
+    from .train.recipe import train
+
+    train(argv)
+
+
+_HANDLERS = {"train": _train, "check-data": _check_data, "make-tiny": _make_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _HANDLERS:
+        print("usage: finetune <command> [args]\n\ncommands:", file=sys.stderr)
+        for name, help_text in COMMANDS.items():
+            print(f"  {name:<12} {help_text}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from .data.errors import DataErrors
+    from .models.config import UnsupportedModelError
+    from .models.loading import CheckpointError
+    from .models.tokenizer import MissingSpecialTokenError
+    from .train.args import ConfigError
+
+    try:
+        _HANDLERS[argv[0]](argv[1:])
+    except DataErrors as errors:
+        print(f"error: the data has problems; nothing was trained:\n{errors}", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError, UnsupportedModelError, MissingSpecialTokenError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["main"]

@@ -1,0 +1,87 @@
+"""Validation of a whole dataset before training: `finetune check-data` and the trainer's first step.
+
+Structure and image files are checked by `formats.load_conversations` (with every image decoded);
+then each good record is encoded exactly as training will encode it, which catches over-long
+samples and samples with nothing to train on, and measures token lengths with image tokens counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .dataset import SampleEncoder
+from .errors import DataError
+from .formats import load_conversations
+from .images import ImageError, open_image
+from .templates import ConversationTooLongError, NothingToTrainError
+
+
+def decodes(path: str) -> str | None:
+    """`check_image` hook for the loader: None if the image decodes, else why not (and the fix)."""
+    try:
+        open_image(path).close()
+    except ImageError as error:
+        return str(error)
+    return None
+
+
+@dataclass
+class DataReport:
+    """What validation found: the usable records, their lengths, and every problem."""
+
+    records: object  # datasets.Dataset of canonical records that passed
+    lengths: list[int]  # tokens per record, images included (after truncation)
+    errors: list[DataError]
+    images: int = 0
+    slices_per_image: Counter = field(default_factory=Counter)
+    truncated: int = 0  # records shortened by whole exchanges to fit model_max_length
+    bad_indices: set[int] = field(default_factory=set)  # positions in `records` that failed encoding
+
+    def summary(self, model_max_length: int) -> str:
+        lines = [f"samples: {len(self.lengths)} valid, {len(self.errors)} problems"]
+        lines.append(f"images: {self.images}")
+        if self.slices_per_image:
+            histogram = ", ".join(f"{n}: {c}" for n, c in sorted(self.slices_per_image.items()))
+            lines.append(f"slices per image (slices: images): {histogram}")
+        if self.lengths:
+            p = np.percentile(self.lengths, [50, 90, 99, 100]).round().astype(int)
+            lines.append(f"tokens per sample, images included: p50 {p[0]}, p90 {p[1]}, p99 {p[2]}, max {p[3]}")
+        lines.append(f"truncated to {model_max_length} tokens by dropping whole exchanges: {self.truncated}")
+        return "\n".join(lines)
+
+
+def check_data(data_path: str, encoder: SampleEncoder, *, image_root: str | None = None) -> DataReport:
+    """Validates every sample of `data_path` as training would read it."""
+    records, errors = load_conversations(data_path, image_root=image_root, check_image=decodes)
+    report = DataReport(records=records, lengths=[], errors=list(errors))
+    for position, record in enumerate(records):
+        try:
+            layouts = []
+            for image in record["images"]:
+                # The loader has decoded every image already; the size needs only the header.
+                with Image.open(image["path"]) as opened:
+                    layouts.append(encoder.layout(*opened.size))
+            encoded = encoder.encode_text(record, layouts)
+        except (ConversationTooLongError, NothingToTrainError) as problem:
+            fix = "" if isinstance(problem, ConversationTooLongError) else "give the sample an answer"
+            report.errors.append(
+                DataError(record["source"]["file"], record["source"]["index"], record["id"], "conversations",
+                          str(problem), fix)
+            )
+            report.bad_indices.add(position)
+            continue
+        report.lengths.append(len(encoded.input_ids))
+        report.images += encoded.num_images
+        report.slices_per_image.update(layout.num_slices for layout in layouts[: encoded.num_images])
+        report.truncated += encoded.dropped_turns > 0
+    if report.bad_indices:
+        keep = [i for i in range(len(records)) if i not in report.bad_indices]
+        report.records = records.select(keep)
+    return report
+
+
+__all__ = ["DataReport", "check_data", "decodes"]

@@ -1,0 +1,285 @@
+"""The pixel path: open an image, cut it as a `SlicePlan` says, normalise, lay out strips.
+
+One call per image for the data pipeline::
+
+    plan, slices = preprocess_image(open_image(path), max_slice_nums=9)
+    # ... later, in the collator, across every image of the batch:
+    pixel_values, tgt_sizes = to_patch_strips(all_slices)
+
+Everything follows the reference preprocessing (spec sections 2.2, 3.1 and 3.2): RGB,
+PIL BICUBIC resizing, x / 255 then mean = std = 0.5, and the `reshape_by_patch` strip
+layout of MiniCPM-V 2.5/2.6. Shapes use P for the patch size (14), h and w for a slice's
+height and width in patches.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from finetune.data.slicing import SlicePlan, plan_slices
+
+# Images above this many pixels are refused before decoding. 64 MP is far beyond
+# anything slicing can use (at most 10 slices of ~448x448 = 2 MP), and a decoded RGB
+# image of that size already takes ~190 MB per data-loader worker. Raise it for
+# genuinely huge scans.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageError(Exception):
+    """An image that cannot be used, with what went wrong and how to fix it.
+
+    `str(error)` is a complete one-line message meant for the user; callers show it
+    without a traceback.
+
+    Attributes:
+        reason: what is wrong, naming the file.
+        fix: what the user can do about it.
+    """
+
+    def __init__(self, reason: str, fix: str):
+        super().__init__(f"{reason} ({fix})")
+        self.reason = reason
+        self.fix = fix
+
+    def __reduce__(self):
+        # Data-loader workers pickle exceptions; the default would call ImageError(message).
+        return type(self), (self.reason, self.fix)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB.
+
+    EXIF orientation is deliberately not applied: the reference does
+    `Image.open(path).convert("RGB")`, and so does this. Alpha is dropped, not composited.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        A decoded PIL image in mode "RGB", detached from the file.
+
+    Raises:
+        ImageError: the file is missing, is a directory, is empty, cannot be read, is
+            not an image PIL can decode (corrupt or truncated), or has more than
+            `MAX_IMAGE_PIXELS` pixels.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(f"image file not found: {path}", "check the path in the data file")
+    if os.path.isdir(path):
+        raise ImageError(f"image path is a directory: {path}", "point to an image file inside it")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"image file is empty: {path}", "re-export or re-download the image")
+    try:
+        # Image.open reads only the header, so the size check below runs before any
+        # pixel is decoded. PIL's own bomb check (Image.MAX_IMAGE_PIXELS, a global we
+        # leave alone) may fire first for headers above twice its limit.
+        with warnings.catch_warnings():
+            # Our own, stricter limit below replaces PIL's warning with one clear error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, image.width, image.height)
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ImageError(
+            f"image is too large to decode safely: {path} ({error})",
+            f"images are limited to {MAX_IMAGE_PIXELS:,} pixels; downscale it",
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"not an image PIL can read: {path}", "check the file is a valid image (JPEG, PNG, ...)"
+        ) from None
+    except PermissionError:
+        raise ImageError(f"no permission to read image: {path}", "fix the file permissions") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Header fine, data not: truncated downloads, broken chunks, bad codec data.
+        raise ImageError(
+            f"image file is corrupt or truncated: {path} ({error})",
+            "re-export or re-download the image",
+        ) from None
+
+
+def _too_large(path: str, width: int, height: int) -> ImageError:
+    return ImageError(
+        f"image is too large: {path} is {width}x{height} = {width * height:,} pixels",
+        f"the limit is MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,} pixels; downscale the image",
+    )
+
+
+def slice_image(image: Image.Image, plan: SlicePlan) -> list[Image.Image]:
+    """Cut an image into the slices `plan` describes, as the reference does.
+
+    The source slice is the whole image resized (BICUBIC) to `plan.source_size`. The
+    grid cells come from one BICUBIC resize of the whole image to `plan.refine_size`,
+    cropped top to bottom, left to right; resizing once and cropping (rather than
+    resizing each crop) matters, since bicubic weights look across cell borders.
+
+    Args:
+        image: the original image, of size `plan.original_size`.
+        plan: from `plan_slices(*image.size, ...)`.
+
+    Returns:
+        `plan.num_slices` RGB images: [source, cell(0,0), cell(0,1), ...], their
+        sizes `plan.source_size` then `plan.slice_sizes`.
+
+    Raises:
+        ValueError: if the image size is not the one the plan was made for.
+    """
+    if image.size != plan.original_size:
+        raise ValueError(f"image size {image.size} does not match the plan's {plan.original_size}")
+    image = _as_rgb(image)
+    slices = [image.resize(plan.source_size, resample=Image.Resampling.BICUBIC)]
+    if plan.grid is None:
+        return slices
+    refined = image.resize(plan.refine_size, resample=Image.Resampling.BICUBIC)
+    (cols, rows), (cell_w, cell_h) = plan.grid, plan.slice_sizes[0]
+    for row in range(rows):
+        for col in range(cols):
+            box = (col * cell_w, row * cell_h, (col + 1) * cell_w, (row + 1) * cell_h)
+            slices.append(refined.crop(box))
+    return slices
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """Normalise an image as the reference does: x / 255, then (x - 0.5) / 0.5.
+
+    Args:
+        image: a PIL image (converted to RGB if it is not).
+
+    Returns:
+        float32 [3, H, W] with values in [-1, 1].
+    """
+    # One copy out of PIL (np.array, writable so torch does not warn), then the exact
+    # float32 operations of torchvision's ToTensor + Normalize, in place.
+    pixels = torch.from_numpy(np.array(_as_rgb(image), dtype=np.uint8))  # [H, W, 3]
+    chw = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    return chw.div_(255).sub_(0.5).div_(0.5)
+
+
+def preprocess_image(
+    image: Image.Image,
+    *,
+    max_slice_nums: int,
+    scale_resolution: int = 448,
+    patch_size: int = 14,
+) -> tuple[SlicePlan, list[torch.Tensor]]:
+    """Plan, slice and normalise one image: the data pipeline's single call per image.
+
+    Args:
+        image: the original image (e.g. from `open_image`).
+        max_slice_nums: most grid cells (1 disables slicing).
+        scale_resolution: side of the square whose area each slice targets.
+        patch_size: vision patch side.
+
+    Returns:
+        (plan, slices): the `SlicePlan` (its `tgt_sizes` and `grid` drive the
+        placeholder text) and `plan.num_slices` float32 tensors [3, H_k, W_k] in
+        [-1, 1], source first, with (H_k // patch_size, W_k // patch_size) ==
+        plan.tgt_sizes[k].
+
+    Raises:
+        ValueError: from `plan_slices`, for invalid settings.
+    """
+    plan = plan_slices(
+        *image.size,
+        max_slice_nums=max_slice_nums,
+        scale_resolution=scale_resolution,
+        patch_size=patch_size,
+    )
+    return plan, [image_to_tensor(piece) for piece in slice_image(image, plan)]
+
+
+def to_patch_strips(
+    slices: Sequence[torch.Tensor | Image.Image], patch_size: int = 14
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch slices in the `reshape_by_patch` strip layout of the batch contract.
+
+    Each slice is cut into P x P patches in row-major order and the patches are laid
+    side by side, giving a one-patch-tall strip [3, P, h*w*P]; strips are zero-padded on
+    the right to the longest one. A conv with kernel = stride = P over a strip yields the
+    same patch sequence as over the image.
+
+    Args:
+        slices: S slices, each either an already-normalised float tensor [3, H, W]
+            (as `preprocess_image` returns) or a PIL image, normalised here with
+            `image_to_tensor`. H and W must be multiples of `patch_size`.
+        patch_size: P.
+
+    Returns:
+        (pixel_values, tgt_sizes): float32 [S, 3, P, L*P] with L the largest h*w, and
+        long [S, 2] of (h, w) per slice. S = 0 gives [0, 3, P, 0] and [0, 2].
+
+    Raises:
+        ValueError: if a slice is not [3, H, W] with H and W multiples of `patch_size`.
+    """
+    tensors = [image_to_tensor(s) if isinstance(s, Image.Image) else s for s in slices]
+    grids = [_patch_grid(t, patch_size, index) for index, t in enumerate(tensors)]
+    longest = max((h * w for h, w in grids), default=0)
+    pixel_values = torch.zeros(len(tensors), 3, patch_size, longest * patch_size, dtype=torch.float32)
+    for slot, tensor, (h, w) in zip(pixel_values, tensors, grids):
+        # Write straight into the padded batch: view the slot's strip as
+        # [3, P(row in patch), h, w, P(col in patch)] and copy the image's
+        # [3, h, P, w, P] into it with the two middle axes swapped. No per-patch loop.
+        strip = slot[:, :, : h * w * patch_size].view(3, patch_size, h, w, patch_size)
+        strip.copy_(tensor.view(3, h, patch_size, w, patch_size).permute(0, 2, 1, 3, 4))
+    return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(len(grids), 2)
+
+
+def strip_to_image(
+    strip: torch.Tensor, tgt_size: Sequence[int] | torch.Tensor, patch_size: int = 14
+) -> torch.Tensor:
+    """Invert `to_patch_strips` for one slice (MiniCPM-V 2.0 encodes plain images).
+
+    Args:
+        strip: [3, P, N*P] with N >= h*w; a zero-padded tail is ignored.
+        tgt_size: (h, w) in patches, e.g. a row of `tgt_sizes`.
+        patch_size: P.
+
+    Returns:
+        [3, h*P, w*P], same dtype and device as `strip`.
+
+    Raises:
+        ValueError: if the strip is too short or not [3, P, *].
+    """
+    h, w = (int(v) for v in tgt_size)
+    p = patch_size
+    if strip.dim() != 3 or strip.shape[0] != 3 or strip.shape[1] != p or strip.shape[2] < h * w * p:
+        raise ValueError(f"strip of shape {tuple(strip.shape)} cannot hold {h}x{w} patches of {p}x{p}")
+    patches = strip[:, :, : h * w * p].reshape(3, p, h, w, p)
+    return patches.permute(0, 2, 1, 3, 4).reshape(3, h * p, w * p)
+
+
+def _patch_grid(tensor: torch.Tensor, patch_size: int, index: int) -> tuple[int, int]:
+    """(h, w) in patches of a [3, H, W] slice, checking it tiles exactly."""
+    shape = tuple(tensor.shape)
+    if len(shape) != 3 or shape[0] != 3 or shape[1] % patch_size or shape[2] % patch_size or 0 in shape:
+        raise ValueError(
+            f"slice {index} has shape {shape}; expected [3, H, W] with H and W "
+            f"positive multiples of the patch size {patch_size}"
+        )
+    return shape[1] // patch_size, shape[2] // patch_size
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "ImageError",
+    "image_to_tensor",
+    "open_image",
+    "preprocess_image",
+    "slice_image",
+    "strip_to_image",
+    "to_patch_strips",
+]

@@ -1,0 +1,136 @@
+"""The training recipe: `finetune train`, `python -m finetune train` and `torchrun finetune.py`.
+
+Order matters and reads top to bottom: arguments are validated before anything loads; the data is
+validated in full before the model loads (a bad sample costs seconds, not a model load); then the
+model, what is trained, and the Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from ..data.check import DataReport, check_data
+from ..data.collator import LengthGroupedSampler, MiniCPMVCollator
+from ..data.dataset import ConversationDataset, DataSettings, SampleEncoder
+from ..data.errors import DataErrors
+from ..models.config import detect_family
+from ..models.loading import load_model, read_config
+from ..models.tokenizer import load_tokenizer, special_token_ids
+from .args import check_llm_type, parse_args
+from .callbacks import NonFiniteCallback, ThroughputCallback, write_run_record
+from .checkpoints import CheckpointMarker, resolve_resume
+from .trainable import apply_tuning, trainable_summary
+
+logger = logging.getLogger("finetune")
+
+# Files of a model directory that a trained output needs besides weights and tokenizer.
+_MODEL_SIDE_FILES = ("preprocessor_config.json", "generation_config.json")
+
+
+class FinetuneTrainer(Trainer):
+    """transformers' Trainer with one change: the length-grouped sampler uses lengths measured by
+    validation (images included) and a (seed, epoch) order, so a resumed run replays the same data.
+    transformers' own LengthGroupedSampler would measure lengths by loading every sample (every
+    image) and draws its order from the global RNG."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length":
+            batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(dataset.lengths, batch_size=batch, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+
+def _validated_dataset(path: str, encoder: SampleEncoder, data_args, training_args, name: str) -> ConversationDataset:
+    report: DataReport = check_data(path, encoder, image_root=data_args.image_root)
+    logger.info("%s data %s:\n%s", name, path, report.summary(data_args.model_max_length))
+    if report.errors:
+        if not data_args.skip_invalid_samples:
+            raise DataErrors(report.errors)
+        skipped = Path(training_args.output_dir) / f"skipped_samples_{name}.jsonl"
+        if training_args.process_index == 0:
+            skipped.parent.mkdir(parents=True, exist_ok=True)
+            skipped.write_text("".join(json.dumps({"error": str(e), **dataclasses.asdict(e)}) + "\n"
+                                       for e in report.errors))
+        logger.warning("%s data: %d samples skipped (--skip_invalid_samples), listed in %s",
+                       name, len(report.errors), skipped)
+    if len(report.lengths) == 0:
+        raise DataErrors(report.errors) if report.errors else ValueError(f"{path}: no samples")
+    return ConversationDataset(report.records, encoder, report.lengths)
+
+
+def _model_dtype(training_args) -> torch.dtype:
+    # Under DeepSpeed the engine keeps fp32 master weights itself; loading in the compute dtype
+    # halves host memory. Plain torch AMP needs fp32 weights for its grad scaler.
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def train(argv: list[str]) -> Path:
+    """Runs training; returns the output directory (adapter or full model, tokenizer, records)."""
+    model_args, data_args, tuning_args, training_args = parse_args(argv)
+    model_dir = model_args.model_name_or_path
+    family = detect_family(read_config(model_dir))
+    check_llm_type(model_args.llm_type, family)
+
+    tokenizer = load_tokenizer(model_dir)
+    tokens = special_token_ids(tokenizer)
+    query_num = read_config(model_dir)["query_num"]
+    settings = DataSettings(
+        family=family,
+        query_num=query_num,
+        max_slice_nums=data_args.max_slice_nums,
+        model_max_length=data_args.model_max_length,
+        truncate=data_args.truncation == "turns",
+    )
+    encoder = SampleEncoder(settings, tokenizer, tokens)
+    train_dataset = _validated_dataset(data_args.data_path, encoder, data_args, training_args, "train")
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = _validated_dataset(data_args.eval_data_path, encoder, data_args, training_args, "eval")
+
+    model = load_model(model_dir, dtype=_model_dtype(training_args), attn_implementation=model_args.attn_implementation)
+    model = apply_tuning(model, tuning_args, tokens)
+    logger.info("MiniCPM-V %s from %s\n%s", family, model_dir, trainable_summary(model))
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under
+        # LoRA work without enable_input_require_grads.
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    if training_args.process_index == 0:
+        write_run_record(training_args.output_dir, {
+            "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+            "tuning": dataclasses.asdict(tuning_args), "training": training_args.to_dict(), "family": family,
+        })
+    trainer = FinetuneTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MiniCPMVCollator(tokens.pad, query_num),
+        processing_class=tokenizer,
+        callbacks=[ThroughputCallback(), NonFiniteCallback(), CheckpointMarker()],
+    )
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        for name in _MODEL_SIDE_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copy(Path(model_dir) / name, Path(training_args.output_dir) / name)
+    return Path(training_args.output_dir)
+
+
+__all__ = ["FinetuneTrainer", "train"]
