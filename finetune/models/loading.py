@@ -91,6 +91,10 @@ def load_model(
             f"{path}: the weights do not match a MiniCPM-V {config.family} model; "
             f"missing: {sorted(info['missing_keys'])[:10]}, unexpected: {sorted(unexpected)[:10]}"
         )
+    if model.resampler.fixed_query_pos:
+        # transformers' loader re-creates every loaded parameter with requires_grad=True; 2.0's
+        # query position table is a fixed sin-cos table that is never trained (spec §1.3).
+        model.resampler.pos_embed.requires_grad_(False)
     return model
 
 

@@ -109,11 +109,13 @@ class Resampler(nn.Module):
             # Not in the checkpoint: a cache rebuilt at init and grown when a slice is larger.
             self.register_buffer("pos_embed", self.key_pos_table(DEFAULT_POS_CACHE_SIDE), persistent=False)
 
+    # as_tensor, not from_numpy: it honours a `with torch.device(...)` context, so a model built on
+    # "meta" (or straight on the GPU) gets its tables there too instead of on the CPU.
     def query_pos_table(self, side: int) -> torch.Tensor:
-        return torch.from_numpy(sincos_2d(self.embed_dim, side, side).reshape(side * side, -1))
+        return torch.as_tensor(sincos_2d(self.embed_dim, side, side).reshape(side * side, -1))
 
     def key_pos_table(self, side: int) -> torch.Tensor:
-        return torch.from_numpy(sincos_2d(self.embed_dim, side, side))
+        return torch.as_tensor(sincos_2d(self.embed_dim, side, side))
 
     def key_positions(self, tgt_sizes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
         """Key position codes [B, length, D] for slices of (h, w) patches, zero past h*w."""

@@ -97,7 +97,7 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     report_to: str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none, ..."})
-    include_num_input_tokens_seen: str | bool = field(
+    include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count tokens for tokens/s: non_padding, all or no."}
     )
     resume_from_checkpoint: str | None = field(
