@@ -44,10 +44,6 @@ def write_jsonl(path: Path, samples: list) -> Path:
     return path
 
 
-def without_source(record: dict) -> dict:
-    return {key: value for key, value in record.items() if key not in ("source",)}
-
-
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
 
@@ -60,27 +56,48 @@ def system(text: str) -> dict:
     return {"role": "system", "content": text}
 
 
+def human(text: str) -> dict:
+    return {"from": "human", "value": text}
+
+
+def gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}
+
+
 # --------------------------------------------------------------------------- the same content, both formats
 
 MINICPMV = [
     {"id": "one", "image": "a.jpg", "conversations": [user("<image>\nWhat is it?"), assistant("A cat.")]},
-    {"id": "two", "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"},
-     "conversations": [system("Be brief."), user("<image_00> vs <image_01>?"), assistant("Same."),
-                       user("Sure?"), assistant("Yes.")]},
+    {
+        "id": "two",
+        "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"},
+        "conversations": [
+            system("Be brief."),
+            user("<image_00> vs <image_01>?"),
+            assistant("Same."),
+            user("Sure?"),
+            assistant("Yes."),
+        ],
+    },
     {"id": "text", "conversations": [user("Hi."), assistant("Hello.")]},
     {"id": "implicit", "image": "b.jpg", "conversations": [user("What is it?"), assistant("A dog.")]},
-]  # fmt: skip
+]
 LLAVA = [
-    {"id": "one", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                      {"from": "gpt", "value": "A cat."}]},
-    {"id": "two", "image": ["a.jpg", "b.jpg"],
-     "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image> vs <image>?"},
-                       {"from": "gpt", "value": "Same."}, {"from": "human", "value": "Sure?"},
-                       {"from": "gpt", "value": "Yes."}]},
-    {"id": "text", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]},
-    {"id": "implicit", "image": "b.jpg", "conversations": [{"from": "human", "value": "What is it?"},
-                                                           {"from": "gpt", "value": "A dog."}]},
-]  # fmt: skip
+    {"id": "one", "image": "a.jpg", "conversations": [human("<image>\nWhat is it?"), gpt("A cat.")]},
+    {
+        "id": "two",
+        "image": ["a.jpg", "b.jpg"],
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            human("<image> vs <image>?"),
+            gpt("Same."),
+            human("Sure?"),
+            gpt("Yes."),
+        ],
+    },
+    {"id": "text", "conversations": [human("Hi."), gpt("Hello.")]},
+    {"id": "implicit", "image": "b.jpg", "conversations": [human("What is it?"), gpt("A dog.")]},
+]
 
 
 def test_canonical_record(data_dir: Path, tmp_path: Path):
@@ -92,13 +109,23 @@ def test_canonical_record(data_dir: Path, tmp_path: Path):
             {"key": "<image_00>", "field": 'image["<image_00>"]', "path": str(data_dir / "a.jpg")},
             {"key": "<image_01>", "field": 'image["<image_01>"]', "path": str(data_dir / "b.jpg")},
         ],
-        "messages": [system("Be brief."), user("<image_00> vs <image_01>?"), assistant("Same."),
-                     user("Sure?"), assistant("Yes.")],
+        "messages": [
+            system("Be brief."),
+            user("<image_00> vs <image_01>?"),
+            assistant("Same."),
+            user("Sure?"),
+            assistant("Yes."),
+        ],
         "source": {"file": str(data_dir / "m.json"), "index": 1},
-    }  # fmt: skip
+    }
     assert dataset[2]["images"] == []
     # A single image without placeholder goes in front of the first user turn.
     assert dataset[3]["messages"][0] == user("<image_00>\nWhat is it?")
+
+
+def what_training_sees(record: dict) -> tuple:
+    """Everything but where the record came from (source, and each image's name in the input)."""
+    return record["id"], [image["path"] for image in record["images"]], record["messages"]
 
 
 @pytest.mark.parametrize("suffixes", [(".json", ".jsonl"), (".jsonl", ".json")])
@@ -109,21 +136,16 @@ def test_both_formats_and_file_types_normalise_identically(data_dir: Path, tmp_p
     from_minicpmv, errors_m = load(minicpmv, tmp_path)
     from_llava, errors_l = load(llava, tmp_path)
     assert errors_m == errors_l == []
-    assert [without_source(r) for r in from_minicpmv] == [
-        {**without_source(r), "images": [{**image, "key": key, "field": field} for image, key, field in
-                                         zip(r["images"], KEYS[r["id"]], FIELDS[r["id"]])]}
-        for r in from_llava
-    ]  # fmt: skip
-
-
-# The images' input names differ between the formats; everything else is identical.
-KEYS = {"one": ["<image>"], "two": ["<image_00>", "<image_01>"], "text": [], "implicit": ["<image>"]}
-FIELDS = {"one": ["image"], "two": ['image["<image_00>"]', 'image["<image_01>"]'], "text": [], "implicit": ["image"]}
+    assert [what_training_sees(r) for r in from_minicpmv] == [what_training_sees(r) for r in from_llava]
+    assert [image["field"] for image in from_llava[1]["images"]] == ["image[0]", "image[1]"]
+    assert [image["key"] for image in from_llava[1]["images"]] == ["<image>", "<image>"]
 
 
 def test_images_follow_text_order_not_dict_order(data_dir: Path, tmp_path: Path):
-    sample = {"image": {"<image_01>": "b.jpg", "<image_00>": "a.jpg"},
-              "conversations": [user("<image_01> first, then <image_00>"), assistant("Ok.")]}  # fmt: skip
+    sample = {
+        "image": {"<image_01>": "b.jpg", "<image_00>": "a.jpg"},
+        "conversations": [user("<image_01> first, then <image_00>"), assistant("Ok.")],
+    }
     record = normalise_record(sample, file=str(data_dir / "d.json"), index=0)
     assert [image["key"] for image in record["images"]] == ["<image_01>", "<image_00>"]
     assert record["messages"][0]["content"] == "<image_00> first, then <image_01>"
@@ -131,8 +153,10 @@ def test_images_follow_text_order_not_dict_order(data_dir: Path, tmp_path: Path)
 
 
 def test_placeholder_in_a_later_user_turn(data_dir: Path):
-    sample = {"image": "a.jpg", "conversations": [user("Hi."), assistant("Hello."), user("<image> what?"),
-                                                  assistant("A cat.")]}  # fmt: skip
+    sample = {
+        "image": "a.jpg",
+        "conversations": [user("Hi."), assistant("Hello."), user("<image> what?"), assistant("A cat.")],
+    }
     record = normalise_record(sample, file=str(data_dir / "d.json"), index=0)
     assert [m["content"] for m in record["messages"]] == ["Hi.", "Hello.", "<image_00> what?", "A cat."]
 
@@ -145,7 +169,11 @@ def test_missing_id_uses_file_name_and_index(data_dir: Path):
 
 
 def test_image_marker():
-    assert image_marker(0) == "<image_00>" and image_marker(12) == "<image_12>" and image_marker(100) == "<image_100>"
+    assert (
+        image_marker(0) == "<image_00>"
+        and image_marker(12) == "<image_12>"
+        and image_marker(100) == "<image_100>"
+    )
 
 
 # --------------------------------------------------------------------------- files, paths, streaming
@@ -158,7 +186,11 @@ def test_mixed_files_keep_file_and_index(data_dir: Path, tmp_path: Path):
         dataset, errors = load(paths, tmp_path)
         assert errors == []
         assert [(r["source"]["file"], r["source"]["index"]) for r in dataset] == [
-            (str(first), 0), (str(first), 1), (str(second), 0), (str(second), 1)]  # fmt: skip
+            (str(first), 0),
+            (str(first), 1),
+            (str(second), 0),
+            (str(second), 1),
+        ]
 
 
 def test_relative_paths_and_image_root(tmp_path: Path):
@@ -183,7 +215,10 @@ def test_relative_paths_and_image_root(tmp_path: Path):
 
 def test_streaming_gives_the_same_records(data_dir: Path, tmp_path: Path):
     bad = {"id": "bad", "conversations": [user("Hi.")]}
-    paths = [write_json(data_dir / "m.json", MINICPMV + [bad]), write_jsonl(data_dir / "l.jsonl", [bad] + LLAVA)]
+    paths = [
+        write_json(data_dir / "m.json", MINICPMV + [bad]),
+        write_jsonl(data_dir / "l.jsonl", [bad] + LLAVA),
+    ]
     table, errors = load(paths, tmp_path)
     stream, stream_errors = load(paths, tmp_path, streaming=True)
     assert len(errors) == 2 and stream_errors == errors
@@ -215,10 +250,16 @@ def test_check_image_hook_runs_once_per_path(data_dir: Path, tmp_path: Path):
         seen.append(path)
         return "cannot decode" if path.endswith("b.jpg") else None
 
-    dataset, errors = load(write_json(data_dir / "m.json", MINICPMV + MINICPMV), tmp_path, check_image=reject_b)
+    dataset, errors = load(
+        write_json(data_dir / "m.json", MINICPMV + MINICPMV), tmp_path, check_image=reject_b
+    )
     assert sorted(seen) == [str(data_dir / "a.jpg"), str(data_dir / "b.jpg")]
     assert [(e.index, e.field) for e in errors] == [
-        (1, 'image["<image_01>"]'), (3, "image"), (5, 'image["<image_01>"]'), (7, "image")]  # fmt: skip
+        (1, 'image["<image_01>"]'),
+        (3, "image"),
+        (5, 'image["<image_01>"]'),
+        (7, "image"),
+    ]
     assert str(data_dir / "b.jpg") in errors[0].reason and "cannot decode" in errors[0].reason
     assert [r["id"] for r in dataset] == ["one", "text", "one", "text"]
 
@@ -229,7 +270,7 @@ def test_check_image_hook_runs_once_per_path(data_dir: Path, tmp_path: Path):
 def test_malformed_jsonl_line_reports_line_and_keeps_the_rest(data_dir: Path, tmp_path: Path):
     path = data_dir / "d.jsonl"
     good = json.dumps(MINICPMV[2])
-    path.write_text(f"{good}\n\n{{\"id\": \"x\", \"conversations\": [}}\n{good}\n")
+    path.write_text(f'{good}\n\n{{"id": "x", "conversations": [}}\n{good}\n')
     dataset, errors = load(path, tmp_path)
     assert len(dataset) == 2
     [error] = errors
@@ -275,103 +316,149 @@ def test_no_files_is_a_usage_error(tmp_path: Path):
 
 # --------------------------------------------------------------------------- one error per problem
 
-ANSWER = [user("What is it?"), assistant("A cat.")]
-# (case, sample, field of the one error, words the reason contains)
+TWO_IMAGES = {"<image_00>": "a.jpg", "<image_01>": "b.jpg"}
+
+
+def sample(*turns, **fields) -> dict:
+    """A sample with id "s"; ``fields`` adds (or, with ``conversations``, replaces) keys."""
+    return {"id": "s", "conversations": list(turns), **fields}
+
+
+Q, A = user("What is it?"), assistant("A cat.")
+# (case, sample, field of the one error, words its reason contains)
 ERROR_CASES = [
     ("not an object", ["a", "list"], None, "sample is a list"),
-    ("conversation typo", {"id": "s", "conversation": ANSWER}, "conversations", 'found "conversation"'),
-    ("messages instead", {"id": "s", "messages": ANSWER}, "conversations", 'found "messages"'),
+    ("conversation typo", {"id": "s", "conversation": [Q, A]}, "conversations", 'found "conversation"'),
+    ("messages instead", {"id": "s", "messages": [Q, A]}, "conversations", 'found "messages"'),
     ("no conversations", {"id": "s"}, "conversations", 'missing "conversations"'),
-    ("conversations not a list", {"id": "s", "conversations": "hi"}, "conversations", "a string"),
-    ("empty conversations", {"id": "s", "conversations": []}, "conversations", "empty list"),
-    ("bad id type", {"id": 1.5, "conversations": ANSWER}, "id", "id is a number"),
-    ("turn not an object", {"id": "s", "conversations": ["hi", assistant("A cat.")]}, "conversations[0]", "a string"),
-    ("first turn from assistant", {"id": "s", "conversations": [assistant("Hi."), *ANSWER]},
-     "conversations[0].role", 'starts with "assistant"'),
-    ("system then assistant", {"id": "s", "conversations": [system("Be brief."), assistant("Hi."), *ANSWER]},
-     "conversations[1].role", 'starts with "assistant"'),
-    ("two user turns", {"id": "s", "conversations": [user("Hi."), *ANSWER]},
-     "conversations[1].role", 'two "user" turns in a row'),
-    ("two assistant turns", {"id": "s", "conversations": [*ANSWER, assistant("Sure.")]},
-     "conversations[2].role", 'two "assistant" turns in a row'),
-    ("unknown role", {"id": "s", "conversations": [user("?"), {"role": "bot", "content": "!"}]},
-     "conversations[1].role", 'unknown role "bot"'),
-    ("llava role in minicpmv", {"id": "s", "conversations": [{"role": "human", "content": "?"}, assistant("!")]},
-     "conversations[0].role", 'unknown role "human"'),
-    ("missing role", {"id": "s", "conversations": [{"content": "?"}, assistant("!")]},
-     "conversations[0].role", 'missing "role"'),
-    ("missing content", {"id": "s", "conversations": [{"role": "user"}, assistant("!")]},
-     "conversations[0].content", 'missing "content"'),
-    ("system not first", {"id": "s", "conversations": [*ANSWER, system("Be brief."), *ANSWER]},
-     "conversations[2].role", "system turn after the first"),
-    ("only a system turn", {"id": "s", "conversations": [system("Be brief.")]},
-     "conversations", "no user or assistant turn"),
-    ("content parts", {"id": "s", "conversations": [{"role": "user", "content": [{"type": "text", "text": "?"}]},
-                                                     assistant("!")]},
-     "conversations[0].content", "content is a list"),
-    ("content null", {"id": "s", "conversations": [user("?"), {"role": "assistant", "content": None}]},
-     "conversations[1].content", "content is null"),
-    ("empty answer", {"id": "s", "conversations": [user("?"), assistant(" \n")]},
-     "conversations[1].content", "empty assistant answer"),
-    ("nothing to train on", {"id": "s", "image": "a.jpg", "conversations": [user("What is it?")]},
-     "conversations[0].role", 'no "assistant" answer'),
-    ("trailing question", {"id": "s", "conversations": [*ANSWER, user("And?")]},
-     "conversations[2].role", 'ends with a "user" turn'),
-    ("unknown numbered placeholder", {"id": "s", "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"},
-                                      "conversations": [user("<image_00> <image_03>"), assistant("!")]},
-     "conversations[0].content", "<image_03> names no image"),
-    ("numbered placeholder, one image", {"id": "s", "image": "a.jpg",
-                                         "conversations": [user("<image_00>?"), assistant("!")]},
-     "conversations[0].content", "<image_00> names no image"),
-    ("placeholder without image", {"id": "s", "conversations": [user("<image>?"), assistant("!")]},
-     "conversations[0].content", "has no image"),
-    ("image named by no placeholder", {"id": "s", "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"},
-                                       "conversations": [user("<image_00>?"), assistant("!")]},
-     'image["<image_01>"]', "no placeholder names image <image_01>"),
-    ("placeholder repeated", {"id": "s", "image": "a.jpg",
-                              "conversations": [user("<image>?"), assistant("!"), user("<image>?"), assistant("!")]},
-     "conversations[2].content", "used again"),
-    ("<image> with several images", {"id": "s", "image": {"<image_00>": "a.jpg", "<image_01>": "b.jpg"},
-                                     "conversations": [user("<image>?"), assistant("!")]},
-     "conversations[0].content", "<image> is ambiguous"),
-    ('"<image>" key among several', {"id": "s", "image": {"<image>": "a.jpg", "<image_01>": "b.jpg"},
-                                      "conversations": [user("<image_01>?"), assistant("!")]},
-     'image["<image>"]', "names one image"),
-    ("bad image key", {"id": "s", "image": {"cat": "a.jpg"}, "conversations": ANSWER},
-     'image["cat"]', "not an image placeholder"),
-    ("placeholder in assistant turn", {"id": "s", "image": "a.jpg",
-                                       "conversations": [user("?"), assistant("Here: <image>")]},
-     "conversations[1].content", "in an assistant turn"),
-    ("placeholder in system turn", {"id": "s", "image": "a.jpg",
-                                    "conversations": [system("<image>"), *ANSWER]},
-     "conversations[0].content", "in a system turn"),
-    ("image list in minicpmv", {"id": "s", "image": ["a.jpg"], "conversations": ANSWER}, "image", "image is a list"),
-    ("empty image path", {"id": "s", "image": "", "conversations": ANSWER}, "image", "image path is empty"),
-    ("image not a path", {"id": "s", "image": 3, "conversations": ANSWER}, "image", "image is a number"),
-    ("missing image file", {"id": "s", "image": "nope.jpg", "conversations": ANSWER}, "image", "not found"),
-    ("missing image in dict", {"id": "s", "image": {"<image_00>": "a.jpg", "<image_01>": "nope.jpg"},
-                               "conversations": [user("<image_00><image_01>"), assistant("!")]},
-     'image["<image_01>"]', "not found"),
-    ("llava unknown role", {"id": "s", "conversations": [{"from": "user", "value": "?"}, {"from": "gpt", "value": "!"}]},
-     "conversations[0].from", 'unknown role "user"'),
-    ("llava too many placeholders", {"id": "s", "image": ["a.jpg"],
-                                     "conversations": [{"from": "human", "value": "<image><image>"},
-                                                       {"from": "gpt", "value": "!"}]},
-     "conversations[0].value", "more <image> placeholders than images"),
-    ("llava too few placeholders", {"id": "s", "image": ["a.jpg", "b.jpg"],
-                                    "conversations": [{"from": "human", "value": "<image>?"},
-                                                      {"from": "gpt", "value": "!"}]},
-     "image[1]", "2 images but 1 <image> placeholder"),
-    ("llava numbered placeholder", {"id": "s", "image": "a.jpg",
-                                    "conversations": [{"from": "human", "value": "<image_00>?"},
-                                                      {"from": "gpt", "value": "!"}]},
-     "conversations[0].value", "MiniCPM-V placeholder"),
-    ("llava image dict", {"id": "s", "image": {"<image_00>": "a.jpg"},
-                          "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}]},
-     "image", "image is an object"),
-    ("mixed formats", {"id": "s", "conversations": [user("?"), {"from": "gpt", "value": "!"}]},
-     "conversations[1]", 'uses "from"/"value" (LLaVA)'),
-]  # fmt: skip
+    ("conversations not a list", sample(conversations="hi"), "conversations", "a string"),
+    ("empty conversations", sample(), "conversations", "empty list"),
+    ("bad id type", sample(Q, A, id=1.5), "id", "id is a number"),
+    ("turn not an object", sample("hi", A), "conversations[0]", "turn is a string"),
+    ("first turn from assistant", sample(A, Q, A), "conversations[0].role", 'starts with "assistant"'),
+    (
+        "system then assistant",
+        sample(system("."), A, Q, A),
+        "conversations[1].role",
+        'starts with "assistant"',
+    ),
+    ("two user turns", sample(Q, Q, A), "conversations[1].role", 'two "user" turns in a row'),
+    ("two assistant turns", sample(Q, A, A), "conversations[2].role", 'two "assistant" turns in a row'),
+    (
+        "unknown role",
+        sample(Q, {"role": "bot", "content": "!"}),
+        "conversations[1].role",
+        'unknown role "bot"',
+    ),
+    ("LLaVA role name", sample({"role": "human", "content": "?"}, A), "conversations[0].role", '"human"'),
+    ("missing role", sample({"content": "?"}, A), "conversations[0].role", 'missing "role"'),
+    ("missing content", sample({"role": "user"}, A), "conversations[0].content", 'missing "content"'),
+    ("neither role nor content", sample({"text": "?"}, A), "conversations[0]", 'neither "role" nor'),
+    ("system not first", sample(Q, A, system("."), Q, A), "conversations[2].role", "system turn after"),
+    ("only a system turn", sample(system(".")), "conversations", "no user or assistant turn"),
+    (
+        "content parts",
+        sample({"role": "user", "content": [{"type": "text", "text": "?"}]}, A),
+        "conversations[0].content",
+        "content is a list",
+    ),
+    ("content null", sample(Q, assistant(None)), "conversations[1].content", "content is null"),
+    ("empty answer", sample(Q, assistant(" \n")), "conversations[1].content", "empty assistant answer"),
+    ("nothing to train on", sample(Q, image="a.jpg"), "conversations[0].role", 'no "assistant" answer'),
+    ("trailing question", sample(Q, A, Q), "conversations[2].role", 'ends with a "user" turn'),
+    (
+        "unknown numbered placeholder",
+        sample(user("<image_00> <image_03>"), A, image=TWO_IMAGES),
+        "conversations[0].content",
+        "<image_03> names no image",
+    ),
+    (
+        "numbered placeholder, one image",
+        sample(user("<image_00>?"), A, image="a.jpg"),
+        "conversations[0].content",
+        "one image is <image>",
+    ),
+    (
+        "<image> with a one-image dict",
+        sample(user("<image>?"), A, image={"<image_00>": "a.jpg"}),
+        "conversations[0].content",
+        "one image is <image_00>",
+    ),
+    ("placeholder without image", sample(user("<image>?"), A), "conversations[0].content", "has no image"),
+    (
+        "image named by no placeholder",
+        sample(user("<image_00>?"), A, image=TWO_IMAGES),
+        'image["<image_01>"]',
+        "no placeholder names image <image_01>",
+    ),
+    (
+        "placeholder repeated",
+        sample(user("<image>?"), A, user("<image>?"), A, image="a.jpg"),
+        "conversations[2].content",
+        "used again",
+    ),
+    (
+        "<image> with several images",
+        sample(user("<image>?"), A, image=TWO_IMAGES),
+        "conversations[0].content",
+        "<image> is ambiguous",
+    ),
+    (
+        '"<image>" key among several',
+        sample(user("<image_01>?"), A, image={"<image>": "a.jpg", "<image_01>": "b.jpg"}),
+        'image["<image>"]',
+        "names one image",
+    ),
+    ("bad image key", sample(Q, A, image={"cat": "a.jpg"}), 'image["cat"]', "not an image placeholder"),
+    (
+        "placeholder in assistant turn",
+        sample(Q, assistant("Here: <image>"), image="a.jpg"),
+        "conversations[1].content",
+        "in an assistant turn",
+    ),
+    (
+        "placeholder in system turn",
+        sample(system("<image>"), Q, A, image="a.jpg"),
+        "conversations[0].content",
+        "in a system turn",
+    ),
+    ("image list in MiniCPM-V", sample(Q, A, image=["a.jpg"]), "image", "image is a list"),
+    ("empty image path", sample(Q, A, image=""), "image", "image path is empty"),
+    ("image not a path", sample(Q, A, image=3), "image", "image is a number"),
+    ("missing image file", sample(Q, A, image="nope.jpg"), "image", "not found"),
+    (
+        "missing image in dict",
+        sample(user("<image_00><image_01>"), A, image={"<image_00>": "a.jpg", "<image_01>": "nope.jpg"}),
+        'image["<image_01>"]',
+        "not found",
+    ),
+    (
+        "LLaVA: unknown role",
+        sample({"from": "user", "value": "?"}, gpt("!")),
+        "conversations[0].from",
+        'unknown role "user"',
+    ),
+    (
+        "LLaVA: too many placeholders",
+        sample(human("<image><image>"), gpt("!"), image=["a.jpg"]),
+        "conversations[0].value",
+        "more <image> placeholders than images",
+    ),
+    (
+        "LLaVA: too few placeholders",
+        sample(human("<image>?"), gpt("!"), image=["a.jpg", "b.jpg"]),
+        "image[1]",
+        "2 images but 1 <image> placeholder",
+    ),
+    (
+        "LLaVA: numbered placeholder",
+        sample(human("<image_00>?"), gpt("!"), image="a.jpg"),
+        "conversations[0].value",
+        "MiniCPM-V placeholder",
+    ),
+    ("LLaVA: image dict", sample(human("?"), gpt("!"), image={"<image_00>": "a.jpg"}), "image", "an object"),
+    ("mixed formats", sample(Q, gpt("!")), "conversations[1]", 'uses "from"/"value" (LLaVA)'),
+]
 
 
 @pytest.mark.parametrize("case, sample, field, reason", ERROR_CASES, ids=[case[0] for case in ERROR_CASES])
@@ -393,20 +480,31 @@ def test_each_problem_gives_one_error(data_dir: Path, case, sample, field, reaso
 
 
 def test_error_line_format():
-    error = DataError("data.json", 3, "abc", "conversations[2].role", 'unknown role "bot"',
-                      "use one of user, assistant, system")  # fmt: skip
+    error = DataError(
+        "data.json",
+        3,
+        "abc",
+        "conversations[2].role",
+        'unknown role "bot"',
+        "use one of user, assistant, system",
+    )
     assert str(error) == (
         'data.json: sample 3 (id "abc"), field conversations[2].role: unknown role "bot"; '
         "use one of user, assistant, system"
     )
-    assert str(DataError("d.json", None, None, None, "invalid JSON: x", line=3, column=14)) == "d.json:3:14: invalid JSON: x"
+    assert (
+        str(DataError("d.json", None, None, None, "invalid JSON: x", line=3, column=14))
+        == "d.json:3:14: invalid JSON: x"
+    )
     assert pickle.loads(pickle.dumps(error)) == error
     with pytest.raises(DataError):
         raise error
 
 
 def test_data_errors_caps_each_file():
-    errors = [DataError("a.json", i, None, "id", "bad") for i in range(60)] + [DataError("b.json", 0, None, None, "bad")]
+    errors = [DataError("a.json", i, None, "id", "bad") for i in range(60)] + [
+        DataError("b.json", 0, None, None, "bad")
+    ]
     text = str(DataErrors(errors, max_per_file=50))
     lines = text.splitlines()
     assert lines[0] == "61 data errors in 2 files:"
@@ -467,12 +565,16 @@ def test_bundled_bad_sample_gives_the_expected_errors(tmp_path: Path):
     assert all(e.file == str(SAMPLE / "bad.json") and e.fix for e in errors)
 
 
-@pytest.mark.parametrize("schema, files", [("minicpmv", ["train.json", "eval.json"]), ("llava", ["train_llava.jsonl"])])
+@pytest.mark.parametrize(
+    "schema, files", [("minicpmv", ["train.json", "eval.json"]), ("llava", ["train_llava.jsonl"])]
+)
 def test_schemas_accept_the_bundled_samples(schema, files):
     validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{schema}.schema.json").read_text()))
     for name in files:
         text = (SAMPLE / name).read_text()
-        samples = json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+        samples = (
+            json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+        )
         for sample in samples:
             validator.validate(sample)
 

@@ -10,7 +10,7 @@ index and id, the field and the fix. Loaders collect them; only ``cli.py`` shows
 One error renders as one line::
 
     data.json: sample 3 (id "abc"), field conversations[2].role: unknown role "bot"; use one of user, assistant, system
-    data.jsonl:7: sample 6, field conversations: missing "conversations"; add a list of turns
+    data.jsonl:7: sample 6, field conversations: missing "conversations"; add the list of turns
 
 ``file:line:`` (and ``file:line:column:``) is the compiler convention, so editors and
 terminals can jump to it.
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(eq=True)
@@ -75,7 +75,16 @@ class DataError(Exception):
         # datasets' worker processes pickle whatever they raise.
         return (
             DataError,
-            (self.file, self.index, self.sample_id, self.field, self.reason, self.fix, self.line, self.column),
+            (
+                self.file,
+                self.index,
+                self.sample_id,
+                self.field,
+                self.reason,
+                self.fix,
+                self.line,
+                self.column,
+            ),
         )
 
     def __hash__(self) -> int:  # Exception is hashable; keep it so with eq=True.

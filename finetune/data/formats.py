@@ -56,13 +56,15 @@ record's position. ``.json`` files are parsed whole; use ``.jsonl`` for sets lar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import datasets
 from datasets import Features, List, Value
@@ -182,8 +184,15 @@ class _Reporter:
         self.errors.append(error)
 
 
-_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-               str: "a string", list: "a list", dict: "an object"}
+_TYPE_NAMES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -208,7 +217,11 @@ def _read_conversations(record: dict, report: _Reporter) -> tuple[Turns, _Format
     if "conversations" not in record:
         typo = next((key for key in ("conversation", "messages") if key in record), None)
         if typo:
-            report("conversations", f'missing "conversations" (found "{typo}")', f'rename "{typo}" to "conversations"')
+            report(
+                "conversations",
+                f'missing "conversations" (found "{typo}")',
+                f'rename "{typo}" to "conversations"',
+            )
         else:
             report("conversations", 'missing "conversations"', "add the list of turns")
         return None
@@ -231,8 +244,12 @@ def _read_turn(turn: Any, where: str, fmt: _Format, report: _Reporter) -> tuple[
     if fmt.role_key not in turn and fmt.content_key not in turn:
         other = _LLAVA if fmt is _MINICPMV else _MINICPMV
         if other.role_key in turn or other.content_key in turn:
-            report(where, f'turn uses "{other.role_key}"/"{other.content_key}" ({other.name}) but the sample\'s '
-                   f'first turn uses "{fmt.role_key}"/"{fmt.content_key}" ({fmt.name})', "use one format per sample")
+            report(
+                where,
+                f'turn uses "{other.role_key}"/"{other.content_key}" ({other.name}) but the sample\'s '
+                f'first turn uses "{fmt.role_key}"/"{fmt.content_key}" ({fmt.name})',
+                "use one format per sample",
+            )
         else:
             report(where, f'turn has neither "{fmt.role_key}" nor "{fmt.content_key}"', f"give it {keys}")
         return None, None
@@ -251,7 +268,9 @@ def _read_role(turn: dict, where: str, fmt: _Format, report: _Reporter) -> str |
         report(where, f"role is {_type_name(role)}", choices)
     elif role in fmt.other_names:  # e.g. "human" in a MiniCPM-V sample
         other = "LLaVA" if fmt is _MINICPMV else "MiniCPM-V"
-        report(where, f'unknown role "{role}"', f'{choices} ("{role}" is {other}\'s "{fmt.other_names[role]}")')
+        report(
+            where, f'unknown role "{role}"', f'{choices} ("{role}" is {other}\'s "{fmt.other_names[role]}")'
+        )
     else:
         report(where, f'unknown role "{role}"', choices)
     return None
@@ -266,8 +285,11 @@ def _read_content(turn: dict, role: str | None, where: str, fmt: _Format, report
     if fmt.content_key not in turn:
         report(where, f'missing "{fmt.content_key}"', "add the turn's text")
     elif isinstance(content, (list, dict)):  # e.g. OpenAI-style [{"type": "text", ...}, ...]
-        report(where, f"content is {_type_name(content)}, not text",
-               "write the text as one string, with <image> placeholders for the images")
+        report(
+            where,
+            f"content is {_type_name(content)}, not text",
+            "write the text as one string, with <image> placeholders for the images",
+        )
     else:
         report(where, f"content is {_type_name(content)}, not text", "write the turn's text as a string")
     return None
@@ -288,12 +310,17 @@ def _check_order(turns: Turns, raw_turns: list, fmt: _Format, report: _Reporter)
 
     late_system = next((i for i, role in enumerate(roles) if role == "system" and i > 0), None)
     if late_system is not None:
-        report_at(late_system, "system turn after the first turn",
-                  "move it to the front (only conversations[0] may be a system prompt), or merge them")
+        report_at(
+            late_system,
+            "system turn after the first turn",
+            "move it to the front (only conversations[0] may be a system prompt), or merge them",
+        )
         return
     body = [i for i, role in enumerate(roles) if role != "system"]
     if not body:
-        report("conversations", "no user or assistant turn", f'add a "{user}" turn and an "{assistant}" answer')
+        report(
+            "conversations", "no user or assistant turn", f'add a "{user}" turn and an "{assistant}" answer'
+        )
         return
     for position, i in enumerate(body):
         expected = "user" if position % 2 == 0 else "assistant"
@@ -301,15 +328,26 @@ def _check_order(turns: Turns, raw_turns: list, fmt: _Format, report: _Reporter)
             continue
         name = raw_turns[i][fmt.role_key]
         if position == 0:
-            report_at(i, f'conversation starts with "{name}"', f'start with a "{user}" turn (after an optional system turn)')
+            report_at(
+                i,
+                f'conversation starts with "{name}"',
+                f'start with a "{user}" turn (after an optional system turn)',
+            )
         else:
-            report_at(i, f'two "{name}" turns in a row (conversations[{body[position - 1]}] and [{i}])',
-                      f'"{user}" and "{assistant}" turns alternate; merge the two or add the missing turn')
+            report_at(
+                i,
+                f'two "{name}" turns in a row (conversations[{body[position - 1]}] and [{i}])',
+                f'"{user}" and "{assistant}" turns alternate; merge the two or add the missing turn',
+            )
         return
     if roles[body[-1]] == "user":
         # Nothing after the last answer is trained: a trailing question is a truncated sample
         # or dead weight, and a sample without an answer trains nothing.
-        reason = f'ends with a "{user}" turn, which has no answer' if len(body) > 1 else f'no "{assistant}" answer to train on'
+        reason = (
+            f'ends with a "{user}" turn, which has no answer'
+            if len(body) > 1
+            else f'no "{assistant}" answer to train on'
+        )
         report_at(body[-1], reason, f'end the sample with an "{assistant}" answer')
 
 
@@ -322,7 +360,9 @@ def _resolve_path(path: str, file: str, image_root: str | None) -> tuple[str, bo
     return os.path.normpath(os.path.join(os.path.abspath(base), path)), True
 
 
-def _read_images(record: dict, fmt: _Format, file: str, image_root: str | None, report: _Reporter) -> list[_Image] | None:
+def _read_images(
+    record: dict, fmt: _Format, file: str, image_root: str | None, report: _Reporter
+) -> list[_Image] | None:
     """The images in input order (dict or list order); None if ``image`` is malformed."""
     value = record.get("image")
     naming = "name the images <image_00>, <image_01>, ... and use those names in the text"
@@ -344,12 +384,18 @@ def _read_images(record: dict, fmt: _Format, file: str, image_root: str | None, 
     elif isinstance(value, list) and fmt is _LLAVA:
         entries = [(_SINGLE, f"image[{j}]", path) for j, path in enumerate(value)]
     elif isinstance(value, list):
-        report("image", "image is a list; MiniCPM-V samples give one path or a dict",
-               'use {"<image_00>": path, "<image_01>": path, ...}, or LLaVA turns ("from"/"value")')
+        report(
+            "image",
+            "image is a list; MiniCPM-V samples give one path or a dict",
+            'use {"<image_00>": path, "<image_01>": path, ...}, or LLaVA turns ("from"/"value")',
+        )
         return None
     elif isinstance(value, dict):
-        report("image", "image is an object; LLaVA samples give one path or a list of paths",
-               'use a list (one <image> per entry, in order), or MiniCPM-V turns ("role"/"content")')
+        report(
+            "image",
+            "image is an object; LLaVA samples give one path or a list of paths",
+            'use a list (one <image> per entry, in order), or MiniCPM-V turns ("role"/"content")',
+        )
         return None
     else:
         report("image", f"image is {_type_name(value)}", "give the image's path as a string")
@@ -381,12 +427,15 @@ class _ImagePlacer:
         for i, (role, content) in enumerate(turns):
             where = f"conversations[{i}].{self.fmt.content_key}"
             if content is not None:
-                content = _PLACEHOLDER_RE.sub(lambda match: self._marker(match.group(0), role, where), content)
+                content = _PLACEHOLDER_RE.sub(
+                    functools.partial(self._marker, role=role, where=where), content
+                )
             contents.append(content)
         self._place_unnamed(turns, contents)
         return contents
 
-    def _marker(self, name: str, role: str | None, where: str) -> str:
+    def _marker(self, match: re.Match, role: str | None, where: str) -> str:
+        name = match.group(0)
         image, problem = self._lookup(name)
         if problem:
             self.bad_placeholders += 1
@@ -395,8 +444,11 @@ class _ImagePlacer:
         if role in ("assistant", "system"):
             # Counted as placed all the same, so this mistake gives one error, not two.
             self.bad_placeholders += 1
-            self.report(where, f"image placeholder {name} in {'an' if role == 'assistant' else 'a'} {role} turn",
-                        "images are inputs: put the placeholder in a user turn")
+            self.report(
+                where,
+                f"image placeholder {name} in {'an' if role == 'assistant' else 'a'} {role} turn",
+                "images are inputs: put the placeholder in a user turn",
+            )
         self.named_at[id(image)] = where
         self.placed.append(image)
         return image_marker(len(self.placed) - 1)
@@ -405,27 +457,42 @@ class _ImagePlacer:
         """The image ``name`` stands for, or (reason, fix) why it stands for none."""
         count = len(self.images)
         if count == 0:
-            return None, (f"placeholder {name} but the sample has no image", 'add "image", or remove the placeholder')
+            return None, (
+                f"placeholder {name} but the sample has no image",
+                'add "image", or remove the placeholder',
+            )
         if self.fmt is _LLAVA:
             if name != _SINGLE:
-                return None, (f"{name} is a MiniCPM-V placeholder", "LLaVA samples mark each image with <image>, in list order")
+                return None, (
+                    f"{name} is a MiniCPM-V placeholder",
+                    "LLaVA samples mark each image with <image>, in list order",
+                )
             if not self.unused:
-                return None, (f"more <image> placeholders than images ({count})",
-                              "write one <image> per image, or add the missing images to the list")
+                return None, (
+                    f"more <image> placeholders than images ({count})",
+                    "write one <image> per image, or add the missing images to the list",
+                )
             return self.unused.pop(0), None
         image = self.by_key.get(name)
         if image is not None and id(image) in self.named_at:
-            return None, (f"placeholder {name} used again (first in {self.named_at[id(image)]})",
-                          "name each image once; to show an image twice, list it twice under two names")
+            return None, (
+                f"placeholder {name} used again (first in {self.named_at[id(image)]})",
+                "name each image once; to show an image twice, list it twice under two names",
+            )
         if image is not None:
             return image, None
+        if count == 1:
+            [only] = self.by_key
+            fix = f"write {only}" + (
+                f', or make "image" a dict {{"{name}": path}}' if only == _SINGLE else ""
+            )
+            return None, (f"placeholder {name} names no image; the sample's one image is {only}", fix)
         names = ", ".join(self.by_key)
         if name == _SINGLE:
-            return None, (f"<image> is ambiguous: the sample has {count} images ({names})",
-                          "write the name of the image you mean")
-        if list(self.by_key) == [_SINGLE]:
-            return None, (f"placeholder {name} names no image; the sample's one image is <image>",
-                          f'write <image>, or make "image" a dict {{"{name}": path}}')
+            return None, (
+                f"<image> is ambiguous: the sample has {count} images ({names})",
+                "write the name of the image you mean",
+            )
         return None, (f"placeholder {name} names no image (the sample has {names})", "use one of those names")
 
     def _place_unnamed(self, turns: Turns, contents: list[str | None]) -> None:
@@ -434,19 +501,26 @@ class _ImagePlacer:
             return  # a bad placeholder was most likely meant for the unnamed image: one error, not two
         if len(self.images) == 1:
             # The reference's shorthand: one image without placeholder opens the first user turn.
-            first_user = next((i for i, (role, text) in enumerate(turns) if role == "user" and text is not None), None)
+            first_user = next(
+                (i for i, (role, text) in enumerate(turns) if role == "user" and text is not None), None
+            )
             if first_user is not None:  # (else the turns' own errors were reported)
                 contents[first_user] = image_marker(0) + "\n" + contents[first_user]
                 self.placed.append(self.images[0])
         elif self.fmt is _MINICPMV:
             for image in unnamed:
-                self.report(image.field, f"no placeholder names image {image.key}",
-                            f"write {image.key} in the user turn where the image belongs")
+                self.report(
+                    image.field,
+                    f"no placeholder names image {image.key}",
+                    f"write {image.key} in the user turn where the image belongs",
+                )
         else:
             named = len(self.placed)
-            self.report(unnamed[0].field if named else "image",
-                        f"{len(self.images)} images but {named} <image> placeholder{'' if named == 1 else 's'}",
-                        "write one <image> per image, in the order of the list")
+            self.report(
+                unnamed[0].field if named else "image",
+                f"{len(self.images)} images but {named} <image> placeholder{'' if named == 1 else 's'}",
+                "write one <image> per image, in the order of the list",
+            )
 
 
 def _parse(record: Any, file: str, index: int, image_root: str | None, line: int | None = None) -> _Parsed:
@@ -479,8 +553,9 @@ def _parse(record: Any, file: str, index: int, image_root: str | None, line: int
     return _Parsed(sample_id, canonical, images, [])
 
 
-def _check_image_files(parsed: _Parsed, file: str, index: int, image_root: str | None,
-                       check_image: ImageCheck, line: int | None) -> list[DataError]:
+def _check_image_files(
+    parsed: _Parsed, file: str, index: int, image_root: str | None, check_image: ImageCheck, line: int | None
+) -> list[DataError]:
     errors = []
     for image in parsed.images:
         reason = check_image(image.path)
@@ -527,8 +602,9 @@ def validate_record(
     return parsed.errors + _check_image_files(parsed, file, index, root, check_image, line)
 
 
-def normalise_record(record: Any, *, file: str | os.PathLike, index: int,
-                     image_root: str | os.PathLike | None = None) -> dict:
+def normalise_record(
+    record: Any, *, file: str | os.PathLike, index: int, image_root: str | os.PathLike | None = None
+) -> dict:
     """The canonical record of one sample (module docstring); image files are not checked.
 
     Args:
@@ -553,6 +629,11 @@ def normalise_record(record: Any, *, file: str | os.PathLike, index: int,
 # ------------------------------------------------------------------------------------------- files
 
 
+def _file_error(file: str, reason: str, fix: str, **where: int | None) -> DataError:
+    """An error that belongs to no sample (``where`` may give index, line, column)."""
+    return DataError(file, where.pop("index", None), None, None, reason, fix, **where)
+
+
 def _read_file(file: str) -> Iterator[tuple[int | None, int | None, Any]]:
     """``(index, line, sample)`` per sample of a file, with a DataError in place of a bad one.
 
@@ -561,10 +642,10 @@ def _read_file(file: str) -> Iterator[tuple[int | None, int | None, Any]]:
     """
     suffix = Path(file).suffix.lower()
     if suffix not in (".json", ".jsonl"):
-        yield None, None, DataError(file, None, None, None, f'unsupported file type "{suffix or file}"',
-                                    "use .json (a list of samples) or .jsonl (one sample per line)")
+        fix = "use .json (a list of samples) or .jsonl (one sample per line)"
+        yield None, None, _file_error(file, f'unsupported file type "{suffix or file}"', fix)
     elif not os.path.isfile(file):
-        yield None, None, DataError(file, None, None, None, "data file not found", "check the path")
+        yield None, None, _file_error(file, "data file not found", "check the path")
     elif suffix == ".jsonl":
         yield from _read_jsonl(file)
     else:
@@ -582,12 +663,13 @@ def _read_jsonl(file: str) -> Iterator[tuple[int, int, Any]]:
             try:
                 sample = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as error:
-                sample = DataError(file, index, None, None, f"line is not UTF-8 ({error.reason})",
-                                   "save the file as UTF-8", line=line)
+                reason = f"line is not UTF-8 ({error.reason})"
+                sample = _file_error(file, reason, "save the file as UTF-8", index=index, line=line)
             except json.JSONDecodeError as error:
-                sample = DataError(file, index, None, None, f"invalid JSON: {error.msg}",
-                                   "fix that line (each line of a .jsonl file is one whole sample)",
-                                   line=line, column=error.colno)
+                fix = "fix that line (each line of a .jsonl file is one whole sample)"
+                sample = _file_error(
+                    file, f"invalid JSON: {error.msg}", fix, index=index, line=line, column=error.colno
+                )
             yield index, line, sample
             index += 1
 
@@ -596,17 +678,21 @@ def _read_json(file: str) -> Iterator[tuple[int | None, None, Any]]:
     try:
         samples = json.loads(Path(file).read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as error:
-        yield None, None, DataError(file, None, None, None, f"file is not UTF-8 ({error.reason} at byte {error.start})",
-                                    "save the file as UTF-8")
+        reason = f"file is not UTF-8 ({error.reason} at byte {error.start})"
+        yield None, None, _file_error(file, reason, "save the file as UTF-8")
         return
     except json.JSONDecodeError as error:
-        yield None, None, DataError(file, None, None, None, f"invalid JSON: {error.msg}",
-                                    "fix the syntax there; no sample of this file was read",
-                                    line=error.lineno, column=error.colno)
+        fix = "fix the syntax there; no sample of this file was read"
+        yield (
+            None,
+            None,
+            _file_error(file, f"invalid JSON: {error.msg}", fix, line=error.lineno, column=error.colno),
+        )
         return
     if not isinstance(samples, list):
-        yield None, None, DataError(file, None, None, None, f"top level is {_type_name(samples)}, not a list of samples",
-                                    "make the file a JSON list [{...}, ...], or use .jsonl (one sample per line)")
+        reason = f"top level is {_type_name(samples)}, not a list of samples"
+        fix = "make the file a JSON list [{...}, ...], or use .jsonl (one sample per line)"
+        yield None, None, _file_error(file, reason, fix)
         return
     for index, sample in enumerate(samples):
         yield index, None, sample
@@ -668,8 +754,9 @@ def _validate_files(paths: list[str], image_root: str | None, check_image: Image
             if isinstance(sample, DataError):
                 errors = [sample]
             else:
-                errors = validate_record(sample, file=file, index=index, image_root=image_root,
-                                         check_image=check_once, line=line)
+                errors = validate_record(
+                    sample, file=file, index=index, image_root=image_root, check_image=check_once, line=line
+                )
             if not errors:
                 result.good += 1
                 continue
@@ -734,7 +821,9 @@ def load_conversations(
         )
     elif validation.good == 0:
         # datasets cannot build an Arrow table from a generator that yields nothing.
-        dataset = datasets.Dataset.from_dict({name: [] for name in CANONICAL_FEATURES}, features=CANONICAL_FEATURES)
+        dataset = datasets.Dataset.from_dict(
+            {name: [] for name in CANONICAL_FEATURES}, features=CANONICAL_FEATURES
+        )
     else:
         dataset = datasets.Dataset.from_generator(
             _canonical_records,

@@ -7,16 +7,17 @@ extra). The photographs are scikit-image's public-domain sample images, shrunk t
 JPEGs. Their sizes are chosen so that, at scale_resolution 448 (448² = 200,704 pixels),
 some are sliced and some are not:
 
-    image                     size      pixels   sliced?
-    astronaut.jpg             400x400   160,000  no
-    camera.jpg (grayscale)    300x300    90,000  no
-    chelsea.jpg               451x300   135,300  no
-    coins.jpg (grayscale)     384x303   116,352  no
-    page.jpg (grayscale)      384x191    73,344  no
-    coffee.jpg                600x400   240,000  yes (2 slices)
-    rocket.jpg                640x427   273,280  yes
-    tissue.jpg                640x480   307,200  yes
-    galaxies.jpg              900x300   270,000  yes (wide)
+    image                     size      pixels   slice grid (cols x rows), max_slice_nums 9
+    astronaut.jpg             400x400   160,000  none
+    camera.jpg (grayscale)    300x300    90,000  none
+    chelsea.jpg               451x300   135,300  none
+    coins.jpg (grayscale)     384x303   116,352  none
+    page.jpg (grayscale)      384x191    73,344  none
+    coffee.jpg                600x400   240,000  2x1
+    rocket.jpg                640x427   273,280  2x1
+    tissue.jpg                640x480   307,200  2x1
+    retina.jpg                400x564   225,600  1x2 (portrait)
+    galaxies.jpg              900x300   270,000  3x1 (wide)
 
 Files written:
     images/*.jpg        the photographs
@@ -46,7 +47,12 @@ def make_images() -> dict[str, Image.Image]:
     """The photographs, by file name, at their final sizes."""
     astronaut = _image(data.astronaut()).resize((400, 400), Image.Resampling.LANCZOS)
     camera = _image(data.camera()).resize((300, 300), Image.Resampling.LANCZOS)
-    tissue = _image(data.immunohistochemistry()).crop((0, 64, 512, 448)).resize((640, 480), Image.Resampling.LANCZOS)
+    tissue = (
+        _image(data.immunohistochemistry())
+        .crop((0, 64, 512, 448))
+        .resize((640, 480), Image.Resampling.LANCZOS)
+    )
+    retina = _image(data.retina()).crop((206, 0, 1206, 1411)).resize((400, 564), Image.Resampling.LANCZOS)
     hubble = _image(data.hubble_deep_field())  # 1000x872: a 900x300 strip of it
     galaxies = hubble.crop((50, 286, 950, 586))
     return {
@@ -58,132 +64,216 @@ def make_images() -> dict[str, Image.Image]:
         "coffee.jpg": _image(data.coffee()),  # 600x400
         "rocket.jpg": _image(data.rocket()),  # 640x427
         "tissue.jpg": tissue,
+        "retina.jpg": retina,
         "galaxies.jpg": galaxies,
     }
 
 
-def _turns(*texts: str) -> list[dict]:
-    """MiniCPM-V turns from alternating user/assistant texts."""
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+def minicpmv(sample_id: str, *texts: str, image=None, system: str | None = None) -> dict:
+    """A MiniCPM-V sample whose ``texts`` alternate user, assistant."""
+    turns = [{"role": "system", "content": system}] if system else []
+    turns += [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+    return {"id": sample_id, **({"image": image} if image else {}), "conversations": turns}
 
 
-def _llava_turns(*texts: str) -> list[dict]:
-    return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
+def llava(sample_id: str, *texts: str, image=None, system: str | None = None) -> dict:
+    """A LLaVA sample whose ``texts`` alternate human, gpt."""
+    turns = [{"from": "system", "value": system}] if system else []
+    turns += [{"from": ("human", "gpt")[i % 2], "value": text} for i, text in enumerate(texts)]
+    return {"id": sample_id, **({"image": image} if image else {}), "conversations": turns}
+
+
+def img(name: str) -> str:
+    return f"images/{name}.jpg"  # relative to the data file
 
 
 SYSTEM = "You are a concise assistant. Answer in a few words."
 
 TRAIN = [
-    {"id": "cat-0", "image": "images/chelsea.jpg", "conversations": _turns("What animal is this?", "A cat.")},
-    {"id": "cat-1", "image": "images/chelsea.jpg",
-     "conversations": _turns("<image>\nWhat colour are the cat's eyes?", "Green.",
-                             "Is the cat asleep?", "No, its eyes are open.")},
-    {"id": "astronaut-0", "image": "images/astronaut.jpg",
-     "conversations": _turns("Who is in this photo?", "An astronaut in an orange spacesuit.",
-                             "Which flag is behind her?", "The flag of the United States.")},
-    {"id": "astronaut-1", "image": "images/astronaut.jpg",
-     "conversations": [{"role": "system", "content": SYSTEM}]
-     + _turns("What is the model on the right?<image>", "A model of the Space Shuttle.")},
-    {"id": "coffee-0", "image": "images/coffee.jpg",
-     "conversations": _turns("<image>\nWhat is in the cup?", "Coffee.")},
-    {"id": "coffee-1", "image": "images/coffee.jpg",
-     "conversations": _turns("What colour is the saucer?", "Red.",
-                             "What lies on the saucer beside the cup?", "A spoon.")},
-    {"id": "rocket-0", "image": "images/rocket.jpg",
-     "conversations": _turns("What does this photo show?", "A rocket on its launch pad at dusk.",
-                             "How many towers stand around it?", "Four.")},
-    {"id": "page-0", "image": "images/page.jpg",
-     "conversations": _turns("What is the heading of this page?", "Region-based segmentation.",
-                             "Which NumPy function appears in the code line?", "np.zeros_like.")},
-    {"id": "camera-0", "image": "images/camera.jpg",
-     "conversations": _turns("<image>\nWhat is the man doing?", "Looking through a camera on a tripod.",
-                             "Is the photo in colour?", "No, it is black and white.")},
-    {"id": "galaxies-0", "image": "images/galaxies.jpg",
-     "conversations": _turns("What does this image show?", "Many distant galaxies.")},
-    {"id": "tissue-0", "image": "images/tissue.jpg",
-     "conversations": _turns("What kind of image is this?", "A microscope image of stained tissue.",
-                             "What colour is the stain?", "Brown, with blue nuclei.")},
-    {"id": "coins-0", "image": "images/coins.jpg",
-     "conversations": _turns("How many coins are there?", "24, in four rows of six.")},
-    {"id": "two-images-0",
-     "image": {"<image_00>": "images/chelsea.jpg", "<image_01>": "images/astronaut.jpg"},
-     "conversations": _turns("<image_00>\n<image_01>\nWhich picture shows a person?", "The second one.")},
+    minicpmv("cat-0", "What animal is this?", "A cat.", image=img("chelsea")),
+    minicpmv(
+        "cat-1",
+        "<image>\nWhat colour are the cat's eyes?",
+        "Green.",
+        "Is the cat asleep?",
+        "No, its eyes are open.",
+        image=img("chelsea"),
+    ),
+    minicpmv(
+        "astronaut-0",
+        "Who is in this photo?",
+        "An astronaut in an orange spacesuit.",
+        "Which flag is behind her?",
+        "The flag of the United States.",
+        image=img("astronaut"),
+    ),
+    minicpmv(
+        "astronaut-1",
+        "What is the model on the right?<image>",
+        "A model of the Space Shuttle.",
+        image=img("astronaut"),
+        system=SYSTEM,
+    ),
+    minicpmv("coffee-0", "<image>\nWhat is in the cup?", "Coffee.", image=img("coffee")),
+    minicpmv(
+        "coffee-1",
+        "What colour is the saucer?",
+        "Red.",
+        "What lies on the saucer beside the cup?",
+        "A spoon.",
+        image=img("coffee"),
+    ),
+    minicpmv(
+        "rocket-0",
+        "What does this photo show?",
+        "A rocket on its launch pad at dusk.",
+        "How many towers stand around it?",
+        "Four.",
+        image=img("rocket"),
+    ),
+    minicpmv(
+        "page-0",
+        "What is the heading of this page?",
+        "Region-based segmentation.",
+        "Which NumPy function appears in the code line?",
+        "np.zeros_like.",
+        image=img("page"),
+    ),
+    minicpmv(
+        "camera-0",
+        "<image>\nWhat is the man doing?",
+        "Looking through a camera on a tripod.",
+        "Is the photo in colour?",
+        "No, it is black and white.",
+        image=img("camera"),
+    ),
+    minicpmv(
+        "retina-0",
+        "What part of the body is shown?",
+        "The retina, at the back of an eye.",
+        image=img("retina"),
+    ),
+    minicpmv(
+        "tissue-0",
+        "What kind of image is this?",
+        "A microscope image of stained tissue.",
+        "What colour is the stain?",
+        "Brown, with blue nuclei.",
+        image=img("tissue"),
+    ),
+    minicpmv("coins-0", "How many coins are there?", "24, in four rows of six.", image=img("coins")),
+    minicpmv(
+        "two-images-0",
+        "<image_00>\n<image_01>\nWhich picture shows a person?",
+        "The second one.",
+        image={"<image_00>": img("chelsea"), "<image_01>": img("astronaut")},
+    ),
     # The second image is named in a later turn, and the dict lists it first: the canonical
     # record orders images by the text, not by the dict.
-    {"id": "two-images-1",
-     "image": {"<image_01>": "images/rocket.jpg", "<image_00>": "images/coffee.jpg"},
-     "conversations": _turns("<image_00>\nWhat is this?", "A cup of coffee.",
-                             "And this? <image_01>", "A rocket on its launch pad.")},
-    {"id": "text-0", "conversations": _turns("What colour do you get by mixing blue and yellow?", "Green.")},
-    {"id": "system-0", "image": "images/galaxies.jpg",
-     "conversations": [{"role": "system", "content": SYSTEM}]
-     + _turns("Is this a photo of the sea?", "No, of galaxies in deep space.")},
-]  # fmt: skip
+    minicpmv(
+        "two-images-1",
+        "<image_00>\nWhat is this?",
+        "A cup of coffee.",
+        "And this? <image_01>",
+        "A rocket on its launch pad.",
+        image={"<image_01>": img("rocket"), "<image_00>": img("coffee")},
+    ),
+    minicpmv("text-0", "What colour do you get by mixing blue and yellow?", "Green."),
+    minicpmv(
+        "system-0",
+        "Is this a photo of the sea?",
+        "No, of galaxies in deep space.",
+        image=img("galaxies"),
+        system=SYSTEM,
+    ),
+]
 
 TRAIN_LLAVA = [
-    {"id": "llava-cat-0", "image": "images/chelsea.jpg",
-     "conversations": _llava_turns("<image>\nWhat pattern does its fur have?", "Tabby stripes.")},
-    {"id": "llava-coffee-0", "image": "images/coffee.jpg",
-     "conversations": _llava_turns("What is the table made of?", "Wood.")},
-    {"id": "llava-camera-0", "image": "images/camera.jpg",
-     "conversations": _llava_turns("<image>\nWhat is the man wearing?", "A dark coat.",
-                                   "What stands on the tripod?", "A camera.")},
-    {"id": "llava-coins-0", "image": "images/coins.jpg",
-     "conversations": _llava_turns("<image>\nAre these coins or stamps?", "Coins.")},
-    {"id": "llava-page-0", "image": "images/page.jpg",
-     "conversations": [{"from": "system", "value": SYSTEM}]
-     + _llava_turns("<image>\nIs this a photo of a person?", "No, it is a page of text.")},
-    {"id": "llava-two-images-0", "image": ["images/rocket.jpg", "images/astronaut.jpg"],
-     "conversations": _llava_turns("<image>\n<image>\nWhich picture shows a rocket?", "The first one.")},
-    {"id": "llava-tissue-0", "image": "images/tissue.jpg",
-     "conversations": _llava_turns("<image>\nIs this a landscape photo?", "No, a microscope image of tissue.")},
-    {"id": "llava-text-0", "conversations": _llava_turns("How many legs does a cat have?", "Four.")},
-]  # fmt: skip
+    llava("llava-cat-0", "<image>\nWhat pattern does its fur have?", "Tabby stripes.", image=img("chelsea")),
+    llava("llava-coffee-0", "What is the table made of?", "Wood.", image=img("coffee")),
+    llava(
+        "llava-camera-0",
+        "<image>\nWhat is the man wearing?",
+        "A dark coat.",
+        "What stands on the tripod?",
+        "A camera.",
+        image=img("camera"),
+    ),
+    llava("llava-coins-0", "<image>\nAre these coins or stamps?", "Coins.", image=img("coins")),
+    llava(
+        "llava-page-0",
+        "<image>\nIs this a photo of a person?",
+        "No, it is a page of text.",
+        image=img("page"),
+        system=SYSTEM,
+    ),
+    llava(
+        "llava-two-images-0",
+        "<image>\n<image>\nWhich picture shows a rocket?",
+        "The first one.",
+        image=[img("rocket"), img("astronaut")],
+    ),
+    llava(
+        "llava-tissue-0",
+        "<image>\nIs this a landscape photo?",
+        "No, a microscope image of tissue.",
+        image=img("tissue"),
+    ),
+    llava("llava-text-0", "How many legs does a cat have?", "Four."),
+]
 
 EVAL = [
-    {"id": "eval-cat", "image": "images/chelsea.jpg",
-     "conversations": _turns("What animal is in the picture?", "A cat.")},
-    {"id": "eval-rocket", "image": "images/rocket.jpg", "conversations": _turns("What is this?", "A rocket.")},
-    {"id": "eval-camera", "image": "images/camera.jpg",
-     "conversations": _turns("What is the man holding?", "A camera on a tripod.")},
-    {"id": "eval-coffee", "image": "images/coffee.jpg",
-     "conversations": _turns("<image>\nWhat drink is this?", "Coffee.")},
-]  # fmt: skip
+    minicpmv("eval-cat", "What animal is in the picture?", "A cat.", image=img("chelsea")),
+    minicpmv("eval-rocket", "What is this?", "A rocket.", image=img("rocket")),
+    minicpmv("eval-camera", "What is the man holding?", "A camera on a tripod.", image=img("camera")),
+    minicpmv("eval-coffee", "<image>\nWhat drink is this?", "Coffee.", image=img("coffee")),
+]
 
-# One sample per validation rule; each gives exactly one error (listed in tests/test_formats.py).
-_OK = _turns("What is this?", "A cat.")
+
+def turn(role: str, content) -> dict:
+    return {"role": role, "content": content}
+
+
+# One sample per validation rule, each giving exactly one error (listed in tests/test_formats.py).
+Q, A = "What is this?", "A cat."
+QA = [turn("user", Q), turn("assistant", A)]
+TWO = {"<image_00>": img("chelsea"), "<image_01>": img("coffee")}
 BAD = [
     ["not", "an", "object"],
-    {"id": "typo-conversation", "image": "images/chelsea.jpg", "conversation": _OK},
-    {"id": "first-turn-assistant", "conversations": [{"role": "assistant", "content": "Hello."}] + _OK},
-    {"id": "two-user-turns", "conversations": _turns("Hi.")
-     + _turns("What is this?", "A cat.")},
-    {"id": "unknown-role", "conversations": _OK[:1] + [{"role": "bot", "content": "A cat."}]},
-    {"id": "system-not-first", "conversations": _OK + [{"role": "system", "content": SYSTEM}] + _OK},
-    {"id": "content-parts", "image": "images/chelsea.jpg",
-     "conversations": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}]}, _OK[1]]},
-    {"id": "content-null", "conversations": [_OK[0], {"role": "assistant", "content": None}]},
-    {"id": "empty-answer", "conversations": _turns("What is this?", "  ")},
-    {"id": "no-answer", "image": "images/chelsea.jpg", "conversations": _turns("What is this?")},
-    {"id": "unknown-placeholder", "image": {"<image_00>": "images/chelsea.jpg", "<image_01>": "images/coffee.jpg"},
-     "conversations": _turns("<image_00> and <image_03>: what are they?", "A cat and a cup.")},
-    {"id": "placeholder-without-image", "conversations": _turns("<image>\nWhat is this?", "A cat.")},
-    {"id": "unnamed-image", "image": {"<image_00>": "images/chelsea.jpg", "<image_01>": "images/coffee.jpg"},
-     "conversations": _turns("<image_00>\nWhat is this?", "A cat.")},
-    {"id": "repeated-placeholder", "image": {"<image_00>": "images/chelsea.jpg"},
-     "conversations": _turns("<image_00>\nWhat is this?", "A cat.", "<image_00> again?", "Yes.")},
-    {"id": "ambiguous-image", "image": {"<image_00>": "images/chelsea.jpg", "<image_01>": "images/coffee.jpg"},
-     "conversations": _turns("<image>\nWhat is this?", "A cat.")},
-    {"id": "placeholder-in-answer", "image": "images/chelsea.jpg",
-     "conversations": _turns("What is this?", "This: <image>")},
-    {"id": "missing-image-file", "image": "images/missing.jpg", "conversations": _OK},
-    {"id": ["a", "list"], "conversations": _OK},
-    {"id": "llava-too-few-placeholders", "image": ["images/chelsea.jpg", "images/coffee.jpg"],
-     "conversations": _llava_turns("<image>\nWhat is this?", "A cat.")},
-    {"id": "llava-numbered-placeholder", "image": "images/chelsea.jpg",
-     "conversations": _llava_turns("<image_00>\nWhat is this?", "A cat.")},
-    {"id": "mixed-formats", "conversations": _OK[:1] + [{"from": "gpt", "value": "A cat."}]},
-]  # fmt: skip
+    {"id": "typo-conversation", "image": img("chelsea"), "conversation": QA},
+    {"id": "first-turn-assistant", "conversations": [turn("assistant", "Hi."), *QA]},
+    {"id": "two-user-turns", "conversations": [turn("user", "Hi."), *QA]},
+    {"id": "unknown-role", "conversations": [turn("user", Q), turn("bot", A)]},
+    {"id": "system-not-first", "conversations": [*QA, turn("system", SYSTEM), *QA]},
+    {
+        "id": "content-parts",
+        "image": img("chelsea"),
+        "conversations": [turn("user", [{"type": "text", "text": Q}]), turn("assistant", A)],
+    },
+    {"id": "content-null", "conversations": [turn("user", Q), turn("assistant", None)]},
+    minicpmv("empty-answer", Q, "  "),
+    minicpmv("no-answer", Q, image=img("chelsea")),
+    minicpmv(
+        "unknown-placeholder", "<image_00> and <image_03>: what are they?", "A cat and a cup.", image=TWO
+    ),
+    minicpmv("placeholder-without-image", "<image>\n" + Q, A),
+    minicpmv("unnamed-image", "<image_00>\n" + Q, A, image=TWO),
+    minicpmv(
+        "repeated-placeholder",
+        "<image_00>\n" + Q,
+        A,
+        "<image_00> again?",
+        "Yes.",
+        image={"<image_00>": img("chelsea")},
+    ),
+    minicpmv("ambiguous-image", "<image>\n" + Q, A, image=TWO),
+    minicpmv("placeholder-in-answer", Q, "This: <image>", image=img("chelsea")),
+    minicpmv("missing-image-file", Q, A, image=img("missing")),
+    {"id": ["a", "list"], "conversations": QA},
+    llava("llava-too-few-placeholders", "<image>\n" + Q, A, image=[img("chelsea"), img("coffee")]),
+    llava("llava-numbered-placeholder", "<image_00>\n" + Q, A, image=img("chelsea")),
+    {"id": "mixed-formats", "conversations": [turn("user", Q), {"from": "gpt", "value": A}]},
+]
 
 
 def _write_json(name: str, samples: list) -> None:
