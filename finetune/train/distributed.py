@@ -39,10 +39,16 @@ Trap: the environment variable `ACCELERATE_USE_CPU=1` is NOT equivalent. `Accele
 reads it too and forces `cpu=True` there, so DeepSpeed is silently dropped (`Trainer.
 is_deepspeed_enabled` is False) and the run is plain DDP; `cpu_training_args_kwargs` refuses it.
 
-GPU path: the helper returns `{}` whenever CUDA is available or DeepSpeed's accelerator is not the
-CPU, so an NCCL launch goes through the unchanged library path. A single process run on the CPU
-(`python train.py`, no launcher) gets `use_cpu=True` too; it works without MASTER_ADDR/RANK/...
-because `deepspeed.initialize` creates a one-rank group itself (see tests/test_distributed_cpu.py).
+GPU path: `cpu_training_args_kwargs` adds `use_cpu` only when CUDA is unavailable and DeepSpeed's
+accelerator is the CPU, so an NCCL launch goes through the unchanged library path
+(`_prepare_backend` -> "nccl"/MULTI_GPU, `deepspeed.comm.init_distributed("nccl")`).
+
+Single process (`python train.py`, no launcher), CPU or GPU: `deepspeed.initialize` calls
+`deepspeed/comm/comm.py: init_distributed(auto_mpi_discovery=True)`; without RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT and LOCAL_RANK in the environment it falls back to `mpi_discovery`, which
+fails with `ModuleNotFoundError: mpi4py`. The training entrypoint calls `fill_single_process_env()`
+first (before `TrainingArguments`): it sets a one-rank launcher environment (what `deepspeed
+--num_gpus 1` would set) when no launcher did, and is a no-op under torchrun/deepspeed/accelerate/mpirun.
 """
 
 from __future__ import annotations
@@ -50,9 +56,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["deepspeed_on_cpu", "cpu_training_args_kwargs"]
+__all__ = ["deepspeed_on_cpu", "fill_single_process_env", "cpu_training_args_kwargs"]
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
+# Variables a launcher (torchrun, deepspeed, accelerate launch, mpirun) sets for each process.
+_LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def deepspeed_on_cpu() -> bool:
@@ -66,10 +74,31 @@ def deepspeed_on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
-def cpu_training_args_kwargs(deepspeed: Any) -> dict[str, Any]:
-    """Extra `TrainingArguments` kwargs for DeepSpeed on a CPU-only machine, else `{}`.
+def fill_single_process_env() -> bool:
+    """Set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for one rank when no launcher set any.
 
-    Call it before building `TrainingArguments` and pass the result as `**kwargs`.
+    Needed by DeepSpeed in a run started without a launcher (see the module docstring); call it at
+    the start of training, before `TrainingArguments`. Returns whether it set anything.
+    """
+    if any(v in os.environ for v in _LAUNCHER_VARS):
+        return False
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+    return True
+
+
+def cpu_training_args_kwargs(deepspeed: Any) -> dict[str, Any]:
+    """Extra `TrainingArguments` kwargs; call it before `TrainingArguments` is built.
+
+    `deepspeed`: the DeepSpeed config (path or dict), or just whether one is used. Returns `{}`
+    without DeepSpeed or on a GPU machine, `{"use_cpu": True}` for DeepSpeed on a CPU-only machine.
+    No side effects (see `fill_single_process_env` for runs without a launcher).
     """
     if not deepspeed or not deepspeed_on_cpu():
         return {}

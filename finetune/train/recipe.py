@@ -26,6 +26,7 @@ from ..models.tokenizer import load_tokenizer, special_token_ids
 from .args import check_llm_type, parse_args
 from .callbacks import NonFiniteCallback, ThroughputCallback, write_run_record
 from .checkpoints import CheckpointMarker, resolve_resume
+from .distributed import deepspeed_on_cpu
 from .trainable import apply_tuning, trainable_summary
 
 logger = logging.getLogger("finetune")
@@ -79,6 +80,12 @@ def _model_dtype(training_args) -> torch.dtype:
 def train(argv: list[str]) -> Path:
     """Runs training; returns the output directory (adapter or full model, tokenizer, records)."""
     model_args, data_args, tuning_args, training_args = parse_args(argv)
+    if training_args.deepspeed and deepspeed_on_cpu():
+        # accelerate set up torch.distributed (gloo) but not DeepSpeed's communication layer, which
+        # ZeRO-3's zero.Init (inside from_pretrained) asks for the world size.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     model_dir = model_args.model_name_or_path
     family = detect_family(read_config(model_dir))
     check_llm_type(model_args.llm_type, family)
