@@ -35,6 +35,14 @@ init_distributed`: "user initialized torch.dist themselves"). "auto" batch sizes
 the real world size and accelerate shards the dataloader. `use_cpu=True` is also what lets
 `bf16=True` pass the TrainingArguments check on a CPU.
 
+ZeRO-3 follow-up: on this path accelerate initialises `torch.distributed` but not DeepSpeed's own
+communication layer (on a GPU, `PartialState` does it through `deepspeed.comm.init_distributed`).
+`from_pretrained` under ZeRO-3 enters `deepspeed.zero.Init`, whose `DeepSpeedConfig.__init__`
+(`deepspeed/runtime/config.py`) takes the world size from `deepspeed.comm` and falls back to 1 when
+it is not initialised, so "auto" `train_batch_size` fails its batch assertion there. Call
+`init_deepspeed_comm()` after `TrainingArguments` and before loading the model: it wraps the
+existing group (`deepspeed.comm.init_distributed`: "user initialized torch.dist themselves").
+
 Trap: the environment variable `ACCELERATE_USE_CPU=1` is NOT equivalent. `AcceleratorState.__init__`
 reads it too and forces `cpu=True` there, so DeepSpeed is silently dropped (`Trainer.
 is_deepspeed_enabled` is False) and the run is plain DDP; `cpu_training_args_kwargs` refuses it.
@@ -56,7 +64,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["deepspeed_on_cpu", "fill_single_process_env", "cpu_training_args_kwargs"]
+__all__ = ["deepspeed_on_cpu", "fill_single_process_env", "cpu_training_args_kwargs", "init_deepspeed_comm"]
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 # Variables a launcher (torchrun, deepspeed, accelerate launch, mpirun) sets for each process.
@@ -108,3 +116,19 @@ def cpu_training_args_kwargs(deepspeed: Any) -> dict[str, Any]:
             "Unset it; DeepSpeed on the CPU is enabled through TrainingArguments(use_cpu=True)."
         )
     return {"use_cpu": True}
+
+
+def init_deepspeed_comm() -> None:
+    """On the CPU, give DeepSpeed's comm layer the process group accelerate created; else no-op.
+
+    Call after `TrainingArguments` (built with `cpu_training_args_kwargs`) and before a ZeRO-3
+    `from_pretrained`. Safe to call more than once.
+    """
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not deepspeed_on_cpu():
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
