@@ -235,7 +235,8 @@ def test_meta_model_matches_released_checkpoint_index(directory):
         assert getattr(torch, config["torch_dtype"]) == stored_dtype
     for key, shape in shapes.items():
         assert tuple(state[key].shape) == shape, key
-    assert all(t.device.type == "meta" for t in model.parameters())
+    on_cpu = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not on_cpu, f"built outside the requested device: {on_cpu}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,15 +352,18 @@ def test_forward_backward_with_mixed_images(family, load_tiny):
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     _assert_every_trainable_parameter_has_a_gradient(model)
-    # Gradients reach the vision tower through the image features (not just a *0 term), and the
-    # rows of tokens the batch contains.
+    # Gradients reach the vision tower through the image features (not just a *0 term).
     patch = model.vpm.patch_embed.proj if family == "2.0" else model.vpm.embeddings.patch_embedding
     assert patch.weight.grad.abs().sum() > 0
     assert model.resampler.query.grad.abs().sum() > 0
     assert model.resampler.proj.grad.abs().sum() > 0
     embed_grad = model.get_input_embeddings().weight.grad
-    used = batch["input_ids"][batch["attention_mask"].bool()].unique()
-    assert (embed_grad[used].abs().sum(dim=1) > 0).all()
+    # Placeholder embeddings are replaced by image features, so no gradient reaches <unk>'s row ...
+    assert torch.count_nonzero(embed_grad[UNK]) == 0
+    # ... while every other token that is the input of a supervised prediction gets one.
+    feeds_loss = batch["input_ids"][:, :-1][batch["labels"][:, 1:] != -100].unique()
+    feeds_loss = feeds_loss[feeds_loss != UNK]
+    assert (embed_grad[feeds_loss].abs().sum(dim=1) > 0).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -422,6 +426,13 @@ def test_quirk_2_5_one_row_position_ids(load_tiny):
     sizes = torch.tensor([[h, w]])
     assert v25.vpm.embeddings.position_ids(sizes, h * w)[0].tolist() == expected_25
     assert v26.vpm.embeddings.position_ids(sizes, h * w)[0].tolist() == expected_26
+    # Beside a longer strip, 2.5 buckets every slice's columns over the longest one (nb_w = maxN),
+    # whatever its own size; 2.6 keeps each slice's grid and gives padded slots id 0.
+    batched = torch.tensor([[1, 4], [h, w]])
+    assert v25.vpm.embeddings.position_ids(batched, h * w).tolist() == [expected_25, expected_25]
+    ids_26 = v26.vpm.embeddings.position_ids(batched, h * w).tolist()
+    assert ids_26[0] == [spec_bucket(j, 4) for j in range(4)] + [0] * (h * w - 4)
+    assert ids_26[1] == expected_26
 
     # The embeddings' forward uses exactly these rows of the position table.
     image = random_image(h, w)
@@ -438,13 +449,13 @@ def test_quirk_2_5_vision_padding_changes_features(load_tiny):
     short, long = random_image(2, 3), random_image(3, 5)
     n = 6
     for family in ("2.5", "2.6"):
-        model, _ = load_tiny(family)
+        model, config = load_tiny(family)
         model.eval()
         with torch.no_grad():
             alone = model.vpm(*strip_batch([short]))[0]
             together = model.vpm(*strip_batch([short, long]))[0, :n]
             padded_alone = model.vpm(*strip_batch([short], length=15))[0, :n]
-        assert alone.shape == (n, 64)
+        assert alone.shape == (n, config["vision_config"]["hidden_size"])
         if family == "2.5":
             # Unmasked padding and columns bucketed over the longest strip: the features depend on
             # what else is in the vision batch, and equal those of the slice zero-padded alone.
@@ -455,13 +466,16 @@ def test_quirk_2_5_vision_padding_changes_features(load_tiny):
             torch.testing.assert_close(padded_alone, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_quirk_2_6_batched_features_equal_one_at_a_time(load_tiny):
-    model, config = load_tiny("2.6")
+@pytest.mark.parametrize("family", ["2.6", "2.0"])
+def test_quirk_2_6_batched_features_equal_one_at_a_time(family, load_tiny):
+    # 2.6 masks the padding in both the vision encoder and the resampler. 2.0 encodes each image
+    # unpadded (ours groups equal sizes, hence the two 2 x 3 slices: the order must survive).
+    model, config = load_tiny(family)
     model.eval()
-    images = [random_image(2, 3), random_image(3, 5), random_image(1, 4), random_image(5, 2)]
+    images = [random_image(2, 3), random_image(3, 5), random_image(1, 4), random_image(2, 3), random_image(5, 2)]
     with torch.no_grad():
         batched = model.encode_slices(*strip_batch(images))
-        assert batched.shape == (4, config["query_num"], config["hidden_size"])
+        assert batched.shape == (len(images), config["query_num"], config["hidden_size"])
         for index, image in enumerate(images):
             alone = model.encode_slices(*strip_batch([image]))[0]
             torch.testing.assert_close(batched[index], alone, atol=1e-5, rtol=1e-5)

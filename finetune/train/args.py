@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .distributed import cpu_training_args_kwargs
+from .distributed import cpu_training_args_kwargs, fill_single_process_env
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 VISION_LORA_TARGETS = r"vpm\..*(self_attn\.(q_proj|k_proj|v_proj|out_proj)|attn\.(qkv|proj))"
@@ -136,7 +136,11 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TuningAr
         argv = argv[:at] + argv[at + 2 :]
     # DeepSpeed on a CPU-only machine must be set up before TrainingArguments exists (see
     # distributed.py); the file's values and the command line still override this default.
-    uses_deepspeed = "--deepspeed" in argv or bool(file_values.get("deepspeed"))
+    uses_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv) or bool(
+        file_values.get("deepspeed")
+    )
+    if uses_deepspeed:
+        fill_single_process_env()  # `python -m finetune train` without a launcher: a 1-rank group
     parser.set_defaults(output_dir="output/run", **cpu_training_args_kwargs(uses_deepspeed), **file_values)
     model_args, data_args, tuning_args, training_args, _config, extra = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True

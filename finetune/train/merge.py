@@ -9,9 +9,14 @@ directory has the base checkpoint's released layout, so `load_model`, the releas
 - the weights: safetensors with exactly the base checkpoint's parameter names, in the base's shard
   files (same names, same split), each tensor in the dtype the base stores it in, or in `--dtype`;
 - config.json: the base's, byte for byte; with `--dtype` only the dtype field changes;
-- the tokenizer: the base's files, overlaid with the adapter's where the adapter has a tokenizer
-  (the one training used; files that transformers 5 no longer writes, such as tokenizer.model and
-  special_tokens_map.json, still come from the base);
+- the tokenizer: the base's files, byte for byte, when the adapter's tokenizer (the one training
+  saved) is the same tokenizer: same vocabulary, special tokens and chat template. Training never
+  adds tokens, so this is the normal case, and it matters: transformers 5 re-saves a tokenizer in its
+  own format (`tokenizer_class: TokenizersBackend`, `extra_special_tokens` as a list, no
+  `add_bos_token`, the chat template in a separate file), which the transformers 4 releases that
+  the released remote code was written for may read differently (not checked here). An adapter
+  whose tokenizer differs (edited by the user) has its files laid over the base's (files that
+  transformers 5 no longer writes, such as tokenizer.model, stay the base's);
 - preprocessor_config.json, generation_config.json and the remote-code *.py files: the base's;
 - merge_info.json: base, adapter (and a hash of its weights), dtype and library versions.
 
@@ -52,6 +57,7 @@ from safetensors.torch import save_file
 
 from ..models.config import UnsupportedModelError, detect_family
 from ..models.loading import MODEL_CLASSES, CheckpointError, load_model, read_config
+from ..models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,7 @@ def merge_adapter(
     family = _check_base_dir(base, adapter, adapter_config)
     _check_out_dir(out, base, adapter)
     layout = _base_layout(base)
+    tokenizer_source = _tokenizer_source(base, adapter)
 
     # Merge at float32 whenever the base stores or the output asks for it; else at the base's dtype
     # (peft computes the LoRA product in float32 on the CPU either way).
@@ -146,6 +153,7 @@ def merge_adapter(
         "family": family,
         "adapter_weights_sha256": _sha256(adapter_weights),
         "dtype": None if out_dtype is None else _dtype_name(out_dtype),
+        "tokenizer_from": "base" if tokenizer_source == base else "adapter",
         "weights_dtypes": sorted({_dtype_name(d) for d in written_dtypes.values()}),
         "adapter_config": {key: adapter_config.get(key) for key in (
             "peft_type", "r", "lora_alpha", "target_modules", "modules_to_save", "trainable_token_indices",
@@ -159,7 +167,7 @@ def merge_adapter(
     try:
         _write_weights(staging, state, layout, written_dtypes)
         _write_config(staging, base, out_dtype)
-        _copy_side_files(staging, base, adapter)
+        _copy_side_files(staging, base, tokenizer_source)
         _write_json(staging / MERGE_INFO, info)
         _publish(staging, out)
     except BaseException:
@@ -238,6 +246,26 @@ def _check_out_dir(out: Path, base: Path, adapter: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MERGE_INFO).is_file():
         raise MergeError(f"--out {out} is not empty and holds no earlier merge ({MERGE_INFO}); "
                          "choose a new or empty directory")
+
+
+def _tokenizer_source(base: Path, adapter: Path) -> Path:
+    """The directory whose tokenizer files the merged model gets (see the module docstring)."""
+    if not any((adapter / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return base
+    try:
+        base_tokenizer, adapter_tokenizer = load_tokenizer(base), load_tokenizer(adapter)
+    except (OSError, ImportError, ValueError) as error:  # e.g. 2.0's tokenizer.model without sentencepiece
+        logger.warning("could not compare the adapter's tokenizer with the base's (%s); using the adapter's", error)
+        return adapter
+
+    def identity(tokenizer) -> tuple:
+        special = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return tokenizer.get_vocab(), special, tokenizer.chat_template
+
+    if identity(base_tokenizer) == identity(adapter_tokenizer):
+        return base
+    logger.warning("the tokenizer in %s differs from the base's; the merged model gets its files", adapter)
+    return adapter
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,24 +451,31 @@ def _write_config(target: Path, base: Path, out_dtype: torch.dtype | None) -> No
     _write_json(target / "config.json", config)
 
 
-def _copy_side_files(target: Path, base: Path, adapter: Path) -> None:
+def _copy_side_files(target: Path, base: Path, tokenizer_source: Path) -> None:
     for name in BASE_SIDE_FILES + TOKENIZER_FILES:
         if (base / name).is_file():
             _copy(base / name, target / name)
     for path in sorted(base.glob("*.py")):  # the remote code config.json's auto_map names
         _copy(path, target / path.name)
-    for name in TOKENIZER_FILES:
-        if (adapter / name).is_file():
-            _copy(adapter / name, target / name)
+    if tokenizer_source != base:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_source / name).is_file():
+                _copy(tokenizer_source / name, target / name)
 
 
 def _publish(staging: Path, out: Path) -> None:
     """Moves the finished staging directory to `out`; an earlier merge there is replaced."""
     _fsync(staging)
     if out.is_dir() and any(out.iterdir()):
+        # Two renames (POSIX cannot swap directories atomically); only a kill between them leaves
+        # no MERGED_DIR, with the earlier merge in the hidden `.NAME.replaced-*` sibling.
         old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
         shutil.rmtree(old)
     else:
         os.replace(staging, out)  # onto a missing or empty directory

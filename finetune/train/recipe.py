@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from ..data.check import DataReport, check_data
 from ..data.collator import LengthGroupedSampler, MiniCPMVCollator
@@ -26,7 +26,7 @@ from ..models.tokenizer import load_tokenizer, special_token_ids
 from .args import check_llm_type, parse_args
 from .callbacks import NonFiniteCallback, ThroughputCallback, write_run_record
 from .checkpoints import CheckpointMarker, resolve_resume
-from .distributed import deepspeed_on_cpu
+from .distributed import init_deepspeed_comm
 from .trainable import apply_tuning, trainable_summary
 
 logger = logging.getLogger("finetune")
@@ -80,12 +80,8 @@ def _model_dtype(training_args) -> torch.dtype:
 def train(argv: list[str]) -> Path:
     """Runs training; returns the output directory (adapter or full model, tokenizer, records)."""
     model_args, data_args, tuning_args, training_args = parse_args(argv)
-    if training_args.deepspeed and deepspeed_on_cpu():
-        # accelerate set up torch.distributed (gloo) but not DeepSpeed's communication layer, which
-        # ZeRO-3's zero.Init (inside from_pretrained) asks for the world size.
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+    if training_args.deepspeed:
+        init_deepspeed_comm()  # ZeRO-3's zero.Init inside from_pretrained asks it for the world size
     model_dir = model_args.model_name_or_path
     family = detect_family(read_config(model_dir))
     check_llm_type(model_args.llm_type, family)
@@ -106,6 +102,9 @@ def train(argv: list[str]) -> Path:
     if data_args.eval_data_path:
         eval_dataset = _validated_dataset(data_args.eval_data_path, encoder, data_args, training_args, "eval")
 
+    # Seed before the model exists: LoRA's A matrices (and any newly initialised weight) are drawn
+    # here, before the Trainer seeds; unseeded, two runs of one command would differ.
+    set_seed(training_args.seed)
     model = load_model(model_dir, dtype=_model_dtype(training_args), attn_implementation=model_args.attn_implementation)
     model = apply_tuning(model, tuning_args, tokens)
     logger.info("MiniCPM-V %s from %s\n%s", family, model_dir, trainable_summary(model))

@@ -1,0 +1,273 @@
+"""Measures the activation constants of `constants.py` on the CPU, at the real layer widths.
+
+Run book (takes a few minutes on 2 cores; needs ~6 GB of RAM)::
+
+    python -m finetune.memory.measure            # prints a JSON report
+    python -m finetune.memory.measure --quick    # shorter sequences, for a smoke run
+
+How: every measurement runs one module's forward and backward in bf16 under torch's CPU memory
+profiler (`profile_memory=True`) and reads the allocator's running total ("Total Allocated" of
+the `[memory]` trace events), which counts exactly the tensor bytes allocated inside the run.
+Weight gradients are dropped as soon as they are accumulated (a post-accumulate-grad hook), the
+way DeepSpeed copies each gradient into its reduce bucket and frees it, so the numbers are
+activations and workspace only. bf16 is used, not fp32 scaled by half: the model upcasts in
+RMSNorm, softmax and the loss, and those fp32 copies only show up at the real dtype.
+
+What the CPU cannot show is a GPU kernel's private workspace (cuBLAS, flash attention). PyTorch's
+CPU SDPA is the flash-attention algorithm (blocked, keeps only the log-sum-exp), so it saves the
+same tensors as the GPU's flash / memory-efficient kernels; eager attention materialises the
+scores on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+BF16 = torch.bfloat16
+
+
+def profiled_peak(fn: Callable[[], object]) -> tuple[int, int, object]:
+    """Runs `fn` under the CPU memory profiler.
+
+    Returns:
+        (peak, end, result): the most bytes live at once and the bytes still live at the end,
+        both counting only allocations made inside `fn`; and what `fn` returned.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
+    return (max(totals, default=0), totals[-1] if totals else 0, result)
+
+
+def _drop_weight_grads(module: nn.Module) -> None:
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+
+
+def _forward_backward(module_fn: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> dict[str, int]:
+    """Profiles forward then backward of `module_fn()`; bytes are relative to before the forward."""
+    holder: dict[str, torch.Tensor] = {}
+
+    def forward() -> None:
+        holder["out"] = module_fn()
+
+    peak_f, end_f, _ = profiled_peak(forward)
+    out = holder.pop("out")
+    out_bytes = out.numel() * out.element_size()
+
+    def backward() -> None:
+        out.backward(grad_out)
+
+    peak_b, _end_b, _ = profiled_peak(backward)
+    return {
+        "forward_peak": peak_f,
+        # Tensors autograd keeps for the backward (the output itself excluded).
+        "saved": end_f - out_bytes,
+        # The whole step's peak: forward transients, or saved tensors plus backward workspace.
+        "peak": max(peak_f, end_f + peak_b),
+        "output": out_bytes,
+    }
+
+
+# -- language model decoder layer --------------------------------------------------------------------
+
+
+def llama_layer(tokens: int, hidden: int, ffn: int, heads: int, kv_heads: int, mode: str) -> dict[str, int]:
+    """One Llama decoder layer (the 2.5 LLM's; 2.0's and 2.6's differ only in widths and biases).
+
+    mode: "full" (weights trained), "lora" (frozen, LoRA r=64 on q/k/v/o, dropout 0.05) or
+    "frozen" (frozen weights, gradient flowing to the input for parts trained below the LLM).
+    """
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=1, vocab_size=256, max_position_embeddings=max(tokens, 2048),
+    )
+    config._attn_implementation = "sdpa"
+    layer: nn.Module = LlamaDecoderLayer(config, layer_idx=0)
+    layer.requires_grad_(mode == "full")
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        layer = get_peft_model(
+            layer, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.05,
+                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        )
+    layer = layer.to(BF16).train()
+    _drop_weight_grads(layer)
+    x = torch.randn(1, tokens, hidden, dtype=BF16, requires_grad=True)
+    position_ids = torch.arange(tokens)[None]
+    cos_sin = LlamaRotaryEmbedding(config)(x, position_ids)
+    grad = torch.randn(1, tokens, hidden, dtype=BF16)
+    return _forward_backward(lambda: layer(x, position_embeddings=cos_sin, position_ids=position_ids), grad)
+
+
+# -- vision encoder layer ----------------------------------------------------------------------------
+
+
+def vision_layer(slices: int, patches: int, attn: str, mode: str) -> dict[str, int]:
+    """One SigLIP-so400m encoder layer (1152 wide, 16 heads, FFN 4304) over `slices` x `patches`.
+
+    mode: "full" (trained), "frozen" (gradient to the input only) or "no_grad" (frozen vision:
+    the forward runs without autograd, so only its transient peak counts).
+    """
+    from transformers import Idefics2VisionConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
+
+    config = Idefics2VisionConfig(hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
+                                  hidden_act="gelu_pytorch_tanh")
+    config._attn_implementation = attn
+    layer = Idefics2EncoderLayer(config).to(BF16).train()
+    layer.requires_grad_(mode == "full")
+    _drop_weight_grads(layer)
+    x = torch.randn(slices, patches, 1152, dtype=BF16, requires_grad=mode != "no_grad")
+    if mode == "no_grad":
+        def run() -> None:
+            with torch.no_grad():
+                layer(x, attention_mask=None)
+
+        peak, _end, _ = profiled_peak(run)
+        return {"forward_peak": peak, "saved": 0, "peak": peak, "output": 0}
+    grad = torch.randn(slices, patches, 1152, dtype=BF16)
+    return _forward_backward(lambda: layer(x, attention_mask=None), grad)
+
+
+# -- resampler ---------------------------------------------------------------------------------------
+
+
+def resampler(slices: int, patches: int, hidden: int, queries: int, mode: str) -> dict[str, int]:
+    """The perceiver resampler over `slices` slices of `patches` patches (mode as for vision_layer)."""
+    from finetune.models.resampler import Resampler
+
+    module = Resampler(queries, hidden, hidden // 128, 1152, fixed_query_pos=False)
+    nn.init.normal_(module.query, std=0.02)
+    nn.init.normal_(module.attn.in_proj_weight, std=0.02)
+    nn.init.zeros_(module.attn.in_proj_bias)
+    nn.init.normal_(module.proj, std=0.02)
+    module = module.to(BF16).train()
+    module.requires_grad_(mode == "full")
+    _drop_weight_grads(module)
+    side = int(patches**0.5)
+    tgt_sizes = torch.tensor([[side, patches // side]] * slices)
+    x = torch.randn(slices, patches, 1152, dtype=BF16, requires_grad=mode != "no_grad")
+    module(x, tgt_sizes)  # grows the position cache outside the measurement
+    if mode == "no_grad":
+        def run() -> None:
+            with torch.no_grad():
+                module(x, tgt_sizes)
+
+        peak, _end, _ = profiled_peak(run)
+        return {"forward_peak": peak, "saved": 0, "peak": peak, "output": 0}
+    grad = torch.randn(slices, queries, hidden, dtype=BF16)
+    return _forward_backward(lambda: module(x, tgt_sizes), grad)
+
+
+# -- logits and loss ---------------------------------------------------------------------------------
+
+
+def logits_and_loss(tokens: int, hidden: int, vocab: int, mode: str, supervised: int | None = None) -> dict[str, int]:
+    """lm_head + cross-entropy, forward and backward, lm_head frozen (its gradient is counted apart).
+
+    mode "selective": this toolkit's `MiniCPMV.next_token_loss` (fp32 logits at supervised
+    positions only). mode "full": the reference recipe (transformers' LlamaForCausalLM computes
+    `lm_head(hidden).float()` at every position; the reference trainer's CrossEntropyLoss follows).
+    """
+    import torch.nn.functional as F
+
+    head = nn.Linear(hidden, vocab, bias=False).to(BF16)
+    head.requires_grad_(False)
+    h = torch.randn(1, tokens, hidden, dtype=BF16, requires_grad=True)
+    labels = torch.full((1, tokens), -100)
+    n = tokens if supervised is None else supervised
+    labels[0, -n:] = torch.randint(0, vocab, (n,))
+
+    def loss_fn() -> torch.Tensor:
+        if mode == "selective":
+            targets = labels[:, 1:]
+            keep = targets != -100
+            logits = head(h[:, :-1][keep]).float()
+            return F.cross_entropy(logits, targets[keep], reduction="sum") / keep.sum()
+        logits = head(h).float()
+        return nn.CrossEntropyLoss()(logits.view(-1, vocab), labels.view(-1))
+
+    return _forward_backward(loss_fn, torch.tensor(1.0))
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+
+def run_all(quick: bool = False) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    t_llm = 512 if quick else 1024
+    report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": {}}
+    r = report["results"]
+
+    def record(name: str, fn: Callable[[], dict]) -> None:
+        start = time.perf_counter()
+        r[name] = fn()
+        r[name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(name, r[name], flush=True)
+
+    # Llama-3-8B widths (2.5) in the three training modes, and width variants that separate the
+    # hidden-, FFN- and KV-proportional parts of a layer's activations.
+    for mode in ("full", "lora", "frozen"):
+        record(f"llm_4096_14336_kv1024_{mode}_T{t_llm}", lambda m=mode: llama_layer(t_llm, 4096, 14336, 32, 8, m))
+    record(f"llm_4096_7168_kv1024_full_T{t_llm}", lambda: llama_layer(t_llm, 4096, 7168, 32, 8, "full"))
+    record(f"llm_4096_14336_kv4096_full_T{t_llm}", lambda: llama_layer(t_llm, 4096, 14336, 32, 32, "full"))
+    record(f"llm_4096_7168_kv1024_frozen_T{t_llm}", lambda: llama_layer(t_llm, 4096, 7168, 32, 8, "frozen"))
+    record(f"llm_4096_14336_kv4096_frozen_T{t_llm}", lambda: llama_layer(t_llm, 4096, 14336, 32, 32, "frozen"))
+    record(f"llm_4096_14336_kv1024_full_T{t_llm // 2}", lambda: llama_layer(t_llm // 2, 4096, 14336, 32, 8, "full"))
+    # Vision: 2 slices of 1024 patches (one 448 x 448 slice = 32 x 32 patches) and of 256 patches,
+    # which separates the per-patch part from eager attention's per-slice L^2 part.
+    for attn in ("sdpa", "eager"):
+        for patches in (1024, 256):
+            for mode in ("full", "frozen", "no_grad"):
+                record(f"vision_{attn}_{mode}_S2_L{patches}",
+                       lambda a=attn, p=patches, m=mode: vision_layer(2, p, a, m))
+    for mode in ("full", "no_grad"):
+        record(f"resampler_4096_q96_{mode}_S2_L1024", lambda m=mode: resampler(2, 1024, 4096, 96, m))
+    record("logits_selective_T1024_n256_V128256",
+           lambda: logits_and_loss(1024, 4096, 128256, "selective", supervised=256))
+    record("logits_full_T256_V128256", lambda: logits_and_loss(256, 4096, 128256, "full"))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.memory.measure", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter sequences (a smoke run)")
+    parser.add_argument("--out", default=None, help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    report = run_all(quick=args.quick)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
