@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "fine-tune a model (arguments: `finetune train --help`)",
     "check-data": "validate a dataset against a model before training",
     "make-tiny": "write a tiny random-weight model for tests and demos",
+    "merge": "fold a LoRA adapter into a standalone model directory",
 }
 
 
@@ -61,7 +62,15 @@ def _train(argv: list[str]) -> None:
     train(argv)
 
 
-_HANDLERS = {"train": _train, "check-data": _check_data, "make-tiny": _make_tiny}
+def _merge(argv: list[str]) -> None:
+    from .train.merge import merge_main
+
+    code = merge_main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+_HANDLERS = {"train": _train, "check-data": _check_data, "make-tiny": _make_tiny, "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:

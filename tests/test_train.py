@@ -103,7 +103,7 @@ def test_training_learns_the_sample_set(family, mode, tiny_model_dir, tmp_path):
     else:
         assert type(load_model(out)).__name__ == type(load_model(tiny_model_dir(family))).__name__
     record = json.loads((out / "run_config.json").read_text())
-    assert record["family"] == family and record["versions"]["torch"]
+    assert record["arguments"]["family"] == family and record["versions"]["torch"]
 
 
 @pytest.mark.slow

@@ -31,8 +31,12 @@ from .trainable import apply_tuning, trainable_summary
 
 logger = logging.getLogger("finetune")
 
-# Files of a model directory that a trained output needs besides weights and tokenizer.
-_MODEL_SIDE_FILES = ("preprocessor_config.json", "generation_config.json")
+# Files of the base model directory copied into the output. The tokenizer files replace the ones
+# the Trainer re-saved in transformers-5 layout, so the output keeps the released layout.
+_MODEL_SIDE_FILES = (
+    "preprocessor_config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+)
 
 
 class FinetuneTrainer(Trainer):
