@@ -90,7 +90,6 @@ class FinetuneTrainingArguments(TrainingArguments):
 
     # The batch carries pixel_values, tgt_sizes and image_bound, which the Trainer must not drop.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
     train_sampling_strategy: str = field(
         default="group_by_length",
         metadata={"help": "group_by_length (default: batches of similar length, little padding), random or sequential."},
@@ -104,6 +103,14 @@ class FinetuneTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "'auto': the newest complete checkpoint in output_dir, if any; or a checkpoint path."},
     )
+
+
+    def __post_init__(self):
+        # Checkpointing is on unless asked otherwise, under either name (reference scripts still pass
+        # the deprecated --gradient_checkpointing).
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        super().__post_init__()
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TuningArguments, FinetuneTrainingArguments)

@@ -112,10 +112,10 @@ def train(argv: list[str]) -> Path:
     model = load_model(model_dir, dtype=_model_dtype(training_args), attn_implementation=model_args.attn_implementation)
     model = apply_tuning(model, tuning_args, tokens)
     logger.info("MiniCPM-V %s from %s\n%s", family, model_dir, trainable_summary(model))
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under
         # LoRA work without enable_input_require_grads.
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
 
     if training_args.process_index == 0:
         write_run_record(training_args.output_dir, {
