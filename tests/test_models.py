@@ -298,7 +298,8 @@ def test_save_load_round_trip(family, tiny_model_dir, tmp_path):
     by_hand.load_state_dict(stored, strict=True)
     batch = make_batch(config, MIXED_SAMPLES)
     del batch["labels"]
-    model.eval(), by_hand.eval()
+    model.eval()
+    by_hand.eval()
     with torch.no_grad():
         logits = model(**batch).logits
         assert torch.equal(logits, by_hand(**batch).logits)
@@ -307,6 +308,7 @@ def test_save_load_round_trip(family, tiny_model_dir, tmp_path):
         model.save_pretrained(tmp_path / "saved")
         again = load_model(tmp_path / "saved")
         assert type(again) is EXPECTED_CLASS[family]
+        assert again.state_dict().keys() == state.keys()
         for key, tensor in again.state_dict().items():
             assert torch.equal(tensor, state[key]), key
         assert torch.equal(again.eval()(**batch).logits, logits)
@@ -521,7 +523,7 @@ def test_quirk_column_first_sincos_halves():
     torch.testing.assert_close(table, ref_sincos_2d(dim, h, w), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fixed_query_pos", [True, False], ids=["2.0", "2.5/2.6"])
+@pytest.mark.parametrize("fixed_query_pos", [True, False], ids=["2.0", "2.5-2.6"])
 def test_quirk_resampler_x_at_proj_and_mha_layout(fixed_query_pos):
     dim, heads, kv_dim, queries = 256, 2, 48, 16  # two 128-wide heads, so the head split matters
     resampler = Resampler(queries, dim, heads, kv_dim, fixed_query_pos=fixed_query_pos)

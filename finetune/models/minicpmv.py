@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -29,7 +29,7 @@ class ImageTextMismatchError(ValueError):
     """The image placeholders of a batch do not line up with its slices."""
 
 
-class MiniCPMV(PreTrainedModel):
+class MiniCPMV(PreTrainedModel, GenerationMixin):
     """Base class of the native MiniCPM-V 2.x models; a family subclass says how to build its parts."""
 
     config_class = MiniCPMVConfig
@@ -99,6 +99,21 @@ class MiniCPMV(PreTrainedModel):
             table = module.query_pos_table if module.fixed_query_pos else module.key_pos_table
             side = module.pos_embed.shape[0] if not module.fixed_query_pos else int(module.num_queries**0.5)
             init.copy_(module.pos_embed, table(side).to(module.pos_embed.dtype))
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    # The image inputs are consumed by the prefill step: with a cache, later steps feed one new token
+    # per sample and the features already sit in the cache (transformers drops `pixel_values` by
+    # itself, but not the keys it does not know). Without a cache every step re-runs the whole
+    # sequence, images included. Position ids come from GenerationMixin: the attention mask's
+    # cumulative sum, so left padding is skipped and each prompt starts at 0, as in training.
+    _PREFILL_ONLY_INPUTS = ("pixel_values", "tgt_sizes", "image_bound", "slice_counts")
+
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in self._PREFILL_ONLY_INPUTS:
+                kwargs.pop(key, None)
+        return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------------
 
