@@ -14,8 +14,6 @@ The vision encoder keeps timm 0.9.10's `vit_so400m_patch14_siglip_384` parameter
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,10 +119,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -146,30 +144,36 @@ class Block(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """timm's resample_abs_pos_embed: bicubic, antialiased, in float32, no prefix tokens.
 
-    [1, N*N, D] -> [1, height*width, D].
+    [1, N*N, D] -> [height*width, D].
     """
     side = int(math.isqrt(pos_embed.shape[1]))
     if (height, width) == (side, side):
-        return pos_embed
+        return pos_embed[0]
     grid = pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(height, width), mode="bicubic", antialias=True)
-    return grid.permute(0, 2, 3, 1).reshape(1, height * width, -1).to(pos_embed.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(height * width, -1).to(pos_embed.dtype)
 
 
 class SiglipViT(nn.Module):
-    """`vpm` of MiniCPM-V 2.0: timm's forward_features with a dynamic image size, no pooling head."""
+    """`vpm` of MiniCPM-V 2.0: timm's forward_features with a dynamic image size, no pooling head.
+
+    The released model encodes one image per call. Here all slices of a batch go through in one call,
+    padded, with padded patches masked out of attention; every other operation is per patch, so each
+    slice's features equal a call on it alone. One call per batch is also what ZeRO-3 needs: every
+    rank must run the same sequence of module forwards, whatever sizes its images have (the released
+    per-image loop is why 2.0 could not train under ZeRO-3, OpenBMB/MiniCPM-V#268).
+    """
 
     def __init__(self, config: Idefics2VisionConfig) -> None:
         super().__init__()
-        self.patch_size = config.patch_size
         side = config.image_size // config.patch_size
         self.patch_embed = PatchEmbed(config.patch_size, config.hidden_size)
         self.pos_embed = nn.Parameter(torch.empty(1, side * side, config.hidden_size))
@@ -179,20 +183,32 @@ class SiglipViT(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] (H, W multiples of the patch size) -> [B, H/P * W/P, hidden]."""
-        height, width = images.shape[2] // self.patch_size, images.shape[3] // self.patch_size
-        x = self.patch_embed(images) + resample_pos_embed(self.pos_embed, height, width).to(images.dtype)
+    def forward(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """Encodes a batch of strips.
+
+        Args:
+            pixel_values: [B, 3, P, L*P] strips (patches row-major, side by side; a kernel = stride
+                = P convolution over a strip equals one over the image).
+            tgt_sizes: long [B, 2], (h, w) of each slice in patches.
+
+        Returns:
+            [B, L, hidden] patch features (rows past h*w are padding).
+        """
+        x = self.patch_embed(pixel_values)
+        positions = torch.zeros_like(x)
+        sizes = tgt_sizes.tolist()
+        for h, w in set(map(tuple, sizes)):
+            rows = [i for i, size in enumerate(sizes) if tuple(size) == (h, w)]
+            positions[rows, : h * w] = resample_pos_embed(self.pos_embed, h, w).to(x.dtype)
+        x = x + positions
+        counts = tgt_sizes[:, 0] * tgt_sizes[:, 1]
+        mask = None
+        if bool((counts < x.shape[1]).any()):
+            valid = torch.arange(x.shape[1], device=x.device)[None, :] < counts.to(x.device)[:, None]
+            mask = valid[:, None, None, :]  # [B, 1, 1, L]: every query attends to valid patches only
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.norm(x)
-
-
-def strips_to_images(strips: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
-    """Undoes reshape_by_patch: [B, 3, P, >=h*w*P] strips -> [B, 3, h*P, w*P] images."""
-    batch = strips.shape[0]
-    patches = strips[..., : height * width * patch_size].reshape(batch, 3, patch_size, height, width, patch_size)
-    return patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, 3, height * patch_size, width * patch_size)
 
 
 class MiniCPMV2(MiniCPMV):
@@ -206,20 +222,6 @@ class MiniCPMV2(MiniCPMV):
     def build_vision(self, vision_config: Idefics2VisionConfig) -> SiglipViT:
         return SiglipViT(vision_config)
 
-    def encode_slices(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
-        # The released model encodes one image per call; slices of equal size are batched here,
-        # which is the same arithmetic (no padding, no mask) with fewer calls.
-        features = [None] * pixel_values.shape[0]
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, (height, width) in enumerate(tgt_sizes.tolist()):
-            by_size[(height, width)].append(index)
-        for (height, width), indices in by_size.items():
-            images = strips_to_images(pixel_values[indices], self.vpm.patch_size, height, width)
-            sizes = tgt_sizes[indices]
-            for index, feature in zip(indices, self.resampler(self.vpm(images), sizes)):
-                features[index] = feature
-        return torch.stack(features)
-
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -227,4 +229,4 @@ class MiniCPMV2(MiniCPMV):
             init.trunc_normal_(module.pos_embed, std=0.02)
 
 
-__all__ = ["MiniCPMForCausalLM", "MiniCPMV2", "SiglipViT", "strips_to_images"]
+__all__ = ["MiniCPMForCausalLM", "MiniCPMV2", "SiglipViT"]

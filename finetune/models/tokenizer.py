@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,6 +423,33 @@ def write_tiny_tokenizer(family: Family, out_dir: str | os.PathLike[str]) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     special_tokens = _TINY_SPECIAL_TOKENS[family]
 
+    # 2.0 keeps <unk>, <s>, </s> at ids 0-2 as SentencePiece does; the others' specials follow the BPE
+    # vocabulary, as Llama-3's and Qwen2's do.
+    leading = special_tokens[:3] if family == "2.0" else ()
+    tokenizer = build_tiny_bpe(special_tokens, leading=leading, prepend_bos=_TINY_PREPENDED_BOS.get(family))
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+    _write_json(directory / "tokenizer_config.json", _tiny_tokenizer_config(family, tokenizer))
+    _write_json(directory / "special_tokens_map.json", _tiny_special_tokens_map(family))
+
+
+def build_tiny_bpe(
+    special_tokens: Sequence[str], *, leading: Sequence[str] = (), prepend_bos: str | None = None
+) -> Tokenizer:
+    """The tiny tokenizers' model: a byte-level BPE trained deterministically on the built-in corpus.
+
+    Every byte is in its alphabet, so any text encodes. Used by `write_tiny_tokenizer` and by the
+    tiny writers of the transformers-native families (`models/hf_native.py`).
+
+    Args:
+        special_tokens: added as special tokens, atomic in any text, in this order after the BPE
+            vocabulary (those also in `leading` excepted).
+        leading: special tokens that take the first ids, before the BPE vocabulary.
+        prepend_bos: a special token the post-processor puts in front of every encoding.
+
+    Returns:
+        The `tokenizers.Tokenizer`; a few hundred ids.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -430,9 +458,6 @@ def write_tiny_tokenizer(family: Family, out_dir: str | os.PathLike[str]) -> Non
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    # 2.0 keeps <unk>, <s>, </s> at ids 0-2 as SentencePiece does; the others' specials follow the BPE
-    # vocabulary, as Llama-3's and Qwen2's do.
-    leading = special_tokens[:3] if family == "2.0" else ()
     trainer = trainers.BpeTrainer(
         vocab_size=_TINY_BPE_VOCAB_SIZE,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -442,26 +467,22 @@ def write_tiny_tokenizer(family: Family, out_dir: str | os.PathLike[str]) -> Non
     tokenizer.train_from_iterator([_TINY_CORPUS], trainer)
     tokenizer.add_special_tokens([_added_token(token) for token in special_tokens if token not in leading])
 
-    bos = _TINY_PREPENDED_BOS.get(family)
-    if bos is not None:
+    if prepend_bos is not None:
         # transformers 5 ignores tokenizer_config's add_bos_token when a tokenizer.json exists: the BOS
         # must come from tokenizer.json's post-processor, as in Llama-3's and converted Llama files.
         tokenizer.post_processor = processors.Sequence(
             [
                 processors.ByteLevel(trim_offsets=False),
                 processors.TemplateProcessing(
-                    single=f"{bos}:0 $A:0",
-                    pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                    special_tokens=[(bos, tokenizer.token_to_id(bos))],
+                    single=f"{prepend_bos}:0 $A:0",
+                    pair=f"{prepend_bos}:0 $A:0 {prepend_bos}:1 $B:1",
+                    special_tokens=[(prepend_bos, tokenizer.token_to_id(prepend_bos))],
                 ),
             ]
         )
     else:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.save(str(directory / "tokenizer.json"))
-
-    _write_json(directory / "tokenizer_config.json", _tiny_tokenizer_config(family, tokenizer))
-    _write_json(directory / "special_tokens_map.json", _tiny_special_tokens_map(family))
+    return tokenizer
 
 
 def _added_token(content: str) -> AddedToken:
@@ -529,6 +550,7 @@ __all__ = [
     "CHAT_TEMPLATE_2_6",
     "MissingSpecialTokenError",
     "SpecialTokens",
+    "build_tiny_bpe",
     "load_tokenizer",
     "special_token_ids",
     "write_tiny_tokenizer",
