@@ -15,6 +15,8 @@ COMMANDS = {
     "check-data": "validate a dataset against a model before training",
     "make-tiny": "write a tiny random-weight model for tests and demos",
     "merge": "fold a LoRA adapter into a standalone model directory",
+    "chat": "answer a question about images (--interactive: a multi-turn session)",
+    "evaluate": "score a model on held-out conversations (exact, BLEU, ROUGE-L, eval loss)",
 }
 
 
@@ -70,7 +72,24 @@ def _merge(argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-_HANDLERS = {"train": _train, "check-data": _check_data, "make-tiny": _make_tiny, "merge": _merge}
+def _chat(argv: list[str]) -> None:
+    from .generate import chat_main
+
+    code = chat_main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def _evaluate(argv: list[str]) -> None:
+    from .evaluate import evaluate_main
+
+    code = evaluate_main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+_HANDLERS = {"train": _train, "check-data": _check_data, "make-tiny": _make_tiny, "merge": _merge,
+             "chat": _chat, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,3 +158,24 @@ def test_llm_type_is_checked_against_the_model(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 2
     assert "--llm_type qwen means MiniCPM-V 2.6, but the model is MiniCPM-V 2.5" in proc.stderr
+
+
+def test_single_process_run_logs_to_tensorboard_and_offline_wandb(tiny_model_dir, tmp_path):
+    env = {k: v for k, v in _env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc: no wandb credentials
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "train", "--model_name_or_path", str(tiny_model_dir("2.6")),
+         "--data_path", f"{SAMPLE / 'train.json'},{SAMPLE / 'train_llava.jsonl'}", "--use_lora", "true",
+         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+         "--report_to", "wandb", "tensorboard", "--save_strategy", "no", "--max_slice_nums", "2"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "logging offline" in proc.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["arguments"]["data"]["data_path"].endswith("train_llava.jsonl")
+    assert set(record["versions"]) >= {"torch", "transformers", "peft", "deepspeed"}
+    assert (out / "adapter_model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()

@@ -51,10 +51,8 @@ class SampleEncoder:
         s = self.settings
         return self.chat.encode(record["messages"], layouts, max_length=s.model_max_length, truncate=s.truncate)
 
-    def encode(self, record: dict, images: list[Image.Image]) -> dict:
-        """A training sample: `input_ids`, `labels`, `slices` ([3, H, W] each), `image_spans`."""
+    def _slice_images(self, images: list[Image.Image]) -> tuple[list[ImageLayout], list[list[torch.Tensor]]]:
         s = self.settings
-        slices: list[torch.Tensor] = []
         layouts: list[ImageLayout] = []
         per_image: list[list[torch.Tensor]] = []
         for image in images:
@@ -63,7 +61,24 @@ class SampleEncoder:
             )
             layouts.append(ImageLayout(plan.grid))
             per_image.append(pieces)
+        return layouts, per_image
+
+    def encode(self, record: dict, images: list[Image.Image]) -> dict:
+        """A training sample: `input_ids`, `labels`, `slices` ([3, H, W] each), `image_spans`."""
+        layouts, per_image = self._slice_images(images)
         encoded = self.encode_text(record, layouts)
+        return self._sample(encoded, per_image)
+
+    def encode_prompt(self, record: dict, images: list[Image.Image]) -> dict:
+        """A generation prompt, sliced and placed as `encode` does, with the family's assistant header
+        appended and every label -100. `record["messages"]` must end with a user turn; it is never
+        truncated."""
+        layouts, per_image = self._slice_images(images)
+        return self._sample(self.chat.encode_prompt(record["messages"], layouts), per_image)
+
+    @staticmethod
+    def _sample(encoded: Encoded, per_image: list[list[torch.Tensor]]) -> dict:
+        slices: list[torch.Tensor] = []
         for pieces in per_image[: encoded.num_images]:  # images of dropped exchanges go with them
             slices.extend(pieces)
         return {

@@ -54,6 +54,7 @@ class Encoded:
     image_spans: list[int]
     num_images: int  # images kept (fewer than given when turns were truncated)
     dropped_turns: int = 0  # answers dropped from the end to fit model_max_length
+    answer_tokens: int = 0  # trained tokens of answer text (end-of-turn tokens not counted)
 
 
 class ConversationTooLongError(ValueError):
@@ -146,6 +147,7 @@ class ChatEncoder:
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
         spans: list[int] = []
         owes_stop = False  # 2.0: the answer just written still needs its stop label
+        answer_tokens = 0
         for message in messages:
             role = message["role"]
             before, after = self._turn_frame(role)
@@ -161,6 +163,7 @@ class ChatEncoder:
             input_ids.extend(body + after)
             if role == "assistant":
                 labels.extend(body + after[:1] + [IGNORE_INDEX] * (len(after) - 1))
+                answer_tokens += len(body)
                 owes_stop = self.family == "2.0"
             else:
                 labels.extend([IGNORE_INDEX] * (len(body) + len(after)))
@@ -168,7 +171,22 @@ class ChatEncoder:
             input_ids.append(t.eos)
             labels.append(t.eos)
         num_images = sum(len(IMAGE_MARKER.findall(m["content"])) for m in messages)
-        return Encoded(input_ids, labels, spans, num_images)
+        return Encoded(input_ids, labels, spans, num_images, answer_tokens=answer_tokens)
+
+    def encode_prompt(self, messages: list[dict], layouts: list[ImageLayout]) -> Encoded:
+        """A generation prompt: the conversation so far, encoded as in training, then the family's
+        assistant header (2.0 `<AI>`, 2.5 `<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
+        2.6 `<|im_start|>assistant\\n`). Nothing is trained, so every label is -100.
+
+        Raises:
+            ValueError: the conversation does not end with a user turn.
+        """
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("a generation prompt must end with a user turn")
+        encoded = self._encode_all(messages, layouts)
+        encoded.input_ids.extend(self._turn_frame("assistant")[0])
+        encoded.labels = [IGNORE_INDEX] * len(encoded.input_ids)
+        return encoded
 
     def encode(
         self,
@@ -195,7 +213,9 @@ class ChatEncoder:
             encoded = self._encode_all(messages[: answer_ends[kept - 1] + 1], layouts)
             full_length = full_length or len(encoded.input_ids)
             if max_length is None or len(encoded.input_ids) <= max_length:
-                if all(label == IGNORE_INDEX for label in encoded.labels):
+                # The end-of-turn token is always labelled, so test the answers' own tokens: a
+                # sample that only teaches "stop at once" has nothing to train on.
+                if encoded.answer_tokens == 0:
                     raise NothingToTrainError("every assistant answer is empty after tokenisation")
                 encoded.dropped_turns = len(answer_ends) - kept
                 return encoded

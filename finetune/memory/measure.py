@@ -5,9 +5,10 @@ Run book (takes a few minutes on 2 cores; needs ~6 GB of RAM)::
     python -m finetune.memory.measure            # prints a JSON report
     python -m finetune.memory.measure --quick    # shorter sequences, for a smoke run
 
-How: every measurement runs one module's forward and backward in bf16 under torch's CPU memory
-profiler (`profile_memory=True`) and reads the allocator's running total ("Total Allocated" of
-the `[memory]` trace events), which counts exactly the tensor bytes allocated inside the run.
+How: every measurement runs one module's forward and backward in bf16 and counts the bytes of the
+tensors the run creates while they are alive (`LiveTensorBytes`, a dispatch mode; torch's CPU
+memory profiler would also count oneDNN's private scratchpads and weight reorders, ~150 MB of
+noise that a GPU kernel does not have).
 Weight gradients are dropped as soon as they are accumulated (a post-accumulate-grad hook), the
 way DeepSpeed copies each gradient into its reduce bucket and frees it, so the numbers are
 activations and workspace only. bf16 is used, not fp32 scaled by half: the model upcasts in
@@ -22,40 +23,59 @@ scores on both.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import tempfile
 import time
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 BF16 = torch.bfloat16
 
 
-def profiled_peak(fn: Callable[[], object]) -> tuple[int, int, object]:
-    """Runs `fn` under the CPU memory profiler.
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages that ops create while the mode is active.
 
-    Returns:
-        (peak, end, result): the most bytes live at once and the bytes still live at the end,
-        both counting only allocations made inside `fn`; and what `fn` returned.
+    Every op's outputs are seen at dispatch; each new storage is counted until it is freed (a weakref
+    finalizer on the storage, which PyTorch keeps alive exactly as long as the C++ storage). Storages
+    that existed before (weights, inputs: pass them as `existing`) are never counted, so views of
+    them (a transposed weight) cost nothing, as on a GPU. What an op allocates privately (oneDNN
+    scratchpads and weight reorders on the CPU) is not a tensor and is not counted; torch's CPU memory
+    profiler would count it, ~150 MB of noise that a GPU kernel does not have.
     """
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    totals = [
-        e["args"]["Total Allocated"]
-        for e in events
-        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-    ]
-    return (max(totals, default=0), totals[-1] if totals else 0, result)
+    def __init__(self, existing: list[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._existing = {t.untyped_storage().data_ptr() for t in existing}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self._sizes or key in self._existing:
+            return
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
 
 
 def _drop_weight_grads(module: nn.Module) -> None:
@@ -64,29 +84,39 @@ def _drop_weight_grads(module: nn.Module) -> None:
             parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
 
 
-def _forward_backward(module_fn: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> dict[str, int]:
-    """Profiles forward then backward of `module_fn()`; bytes are relative to before the forward."""
-    holder: dict[str, torch.Tensor] = {}
+def _forward_backward(
+    module_fn: Callable[[], torch.Tensor], grad_out: torch.Tensor | None, existing: list[torch.Tensor]
+) -> dict[str, int]:
+    """Counts forward then backward of `module_fn()`; bytes are relative to before the forward.
 
-    def forward() -> None:
-        holder["out"] = module_fn()
-
-    peak_f, end_f, _ = profiled_peak(forward)
-    out = holder.pop("out")
-    out_bytes = out.numel() * out.element_size()
-
-    def backward() -> None:
+    With `grad_out=None` the forward runs under no_grad (a frozen part: transient memory only).
+    """
+    counter = LiveTensorBytes(existing + ([grad_out] if grad_out is not None else []))
+    with counter:
+        if grad_out is None:
+            with torch.no_grad():
+                module_fn()
+            gc.collect()
+            return {"forward_peak": counter.peak, "saved": 0, "peak": counter.peak, "output": 0}
+        out = module_fn()
+        gc.collect()
+        forward_peak, after_forward = counter.peak, counter.live
+        counter.reset_peak()
         out.backward(grad_out)
-
-    peak_b, _end_b, _ = profiled_peak(backward)
+        backward_peak = counter.peak
+    out_bytes = out.numel() * out.element_size()
     return {
-        "forward_peak": peak_f,
+        "forward_peak": forward_peak,
         # Tensors autograd keeps for the backward (the output itself excluded).
-        "saved": end_f - out_bytes,
+        "saved": after_forward - out_bytes,
         # The whole step's peak: forward transients, or saved tensors plus backward workspace.
-        "peak": max(peak_f, end_f + peak_b),
+        "peak": max(forward_peak, backward_peak),
         "output": out_bytes,
     }
+
+
+def _tensors_of(*modules: nn.Module) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 
 # -- language model decoder layer --------------------------------------------------------------------
@@ -121,7 +151,8 @@ def llama_layer(tokens: int, hidden: int, ffn: int, heads: int, kv_heads: int, m
     position_ids = torch.arange(tokens)[None]
     cos_sin = LlamaRotaryEmbedding(config)(x, position_ids)
     grad = torch.randn(1, tokens, hidden, dtype=BF16)
-    return _forward_backward(lambda: layer(x, position_embeddings=cos_sin, position_ids=position_ids), grad)
+    return _forward_backward(lambda: layer(x, position_embeddings=cos_sin, position_ids=position_ids), grad,
+                             [*_tensors_of(layer), x, position_ids, *cos_sin])
 
 
 # -- vision encoder layer ----------------------------------------------------------------------------
@@ -143,15 +174,8 @@ def vision_layer(slices: int, patches: int, attn: str, mode: str) -> dict[str, i
     layer.requires_grad_(mode == "full")
     _drop_weight_grads(layer)
     x = torch.randn(slices, patches, 1152, dtype=BF16, requires_grad=mode != "no_grad")
-    if mode == "no_grad":
-        def run() -> None:
-            with torch.no_grad():
-                layer(x, attention_mask=None)
-
-        peak, _end, _ = profiled_peak(run)
-        return {"forward_peak": peak, "saved": 0, "peak": peak, "output": 0}
-    grad = torch.randn(slices, patches, 1152, dtype=BF16)
-    return _forward_backward(lambda: layer(x, attention_mask=None), grad)
+    grad = None if mode == "no_grad" else torch.randn(slices, patches, 1152, dtype=BF16)
+    return _forward_backward(lambda: layer(x, attention_mask=None), grad, [*_tensors_of(layer), x])
 
 
 # -- resampler ---------------------------------------------------------------------------------------
@@ -172,16 +196,10 @@ def resampler(slices: int, patches: int, hidden: int, queries: int, mode: str) -
     side = int(patches**0.5)
     tgt_sizes = torch.tensor([[side, patches // side]] * slices)
     x = torch.randn(slices, patches, 1152, dtype=BF16, requires_grad=mode != "no_grad")
-    module(x, tgt_sizes)  # grows the position cache outside the measurement
-    if mode == "no_grad":
-        def run() -> None:
-            with torch.no_grad():
-                module(x, tgt_sizes)
-
-        peak, _end, _ = profiled_peak(run)
-        return {"forward_peak": peak, "saved": 0, "peak": peak, "output": 0}
-    grad = torch.randn(slices, queries, hidden, dtype=BF16)
-    return _forward_backward(lambda: module(x, tgt_sizes), grad)
+    with torch.no_grad():
+        module(x, tgt_sizes)  # grows the position cache outside the measurement
+    grad = None if mode == "no_grad" else torch.randn(slices, queries, hidden, dtype=BF16)
+    return _forward_backward(lambda: module(x, tgt_sizes), grad, [*_tensors_of(module), x, tgt_sizes])
 
 
 # -- logits and loss ---------------------------------------------------------------------------------
@@ -212,7 +230,7 @@ def logits_and_loss(tokens: int, hidden: int, vocab: int, mode: str, supervised:
         logits = head(h).float()
         return nn.CrossEntropyLoss()(logits.view(-1, vocab), labels.view(-1))
 
-    return _forward_backward(loss_fn, torch.tensor(1.0))
+    return _forward_backward(loss_fn, torch.tensor(1.0), [*_tensors_of(head), h, labels])
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -232,14 +250,17 @@ def run_all(quick: bool = False) -> dict:
         print(name, r[name], flush=True)
 
     # Llama-3-8B widths (2.5) in the three training modes, and width variants that separate the
-    # hidden-, FFN- and KV-proportional parts of a layer's activations.
-    for mode in ("full", "lora", "frozen"):
-        record(f"llm_4096_14336_kv1024_{mode}_T{t_llm}", lambda m=mode: llama_layer(t_llm, 4096, 14336, 32, 8, m))
-    record(f"llm_4096_7168_kv1024_full_T{t_llm}", lambda: llama_layer(t_llm, 4096, 7168, 32, 8, "full"))
-    record(f"llm_4096_14336_kv4096_full_T{t_llm}", lambda: llama_layer(t_llm, 4096, 14336, 32, 32, "full"))
-    record(f"llm_4096_7168_kv1024_frozen_T{t_llm}", lambda: llama_layer(t_llm, 4096, 7168, 32, 8, "frozen"))
-    record(f"llm_4096_14336_kv4096_frozen_T{t_llm}", lambda: llama_layer(t_llm, 4096, 14336, 32, 32, "frozen"))
-    record(f"llm_4096_14336_kv1024_full_T{t_llm // 2}", lambda: llama_layer(t_llm // 2, 4096, 14336, 32, 8, "full"))
+    # hidden-, FFN- and KV-proportional parts of a layer's activations; two lengths each, because a
+    # layer's backward peak has a length-independent part (its largest weight gradient).
+    widths = {"4096_14336_kv1024": (4096, 14336, 32, 8), "4096_7168_kv1024": (4096, 7168, 32, 8),
+              "4096_14336_kv4096": (4096, 14336, 32, 32)}
+    for tokens in (t_llm // 2, t_llm):
+        for label, dims in widths.items():
+            modes = ("full", "lora", "frozen") if label == "4096_14336_kv1024" else ("full", "frozen")
+            for mode in modes:
+                record(f"llm_{label}_{mode}_T{tokens}", lambda d=dims, m=mode, t=tokens: llama_layer(t, *d, m))
+    # Held out: Qwen2-7B widths (2.6), to check the fitted coefficients.
+    record(f"llm_3584_18944_kv512_full_T{t_llm}", lambda: llama_layer(t_llm, 3584, 18944, 28, 4, "full"))
     # Vision: 2 slices of 1024 patches (one 448 x 448 slice = 32 x 32 patches) and of 256 patches,
     # which separates the per-patch part from eager attention's per-slice L^2 part.
     for attn in ("sdpa", "eager"):

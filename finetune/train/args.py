@@ -95,7 +95,9 @@ class FinetuneTrainingArguments(TrainingArguments):
         metadata={"help": "group_by_length (default: batches of similar length, little padding), random or sequential."},
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
-    report_to: str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none, ..."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": "Where to log: tensorboard, wandb, none, ..."}
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count tokens for tokens/s: non_padding, all or no."}
     )

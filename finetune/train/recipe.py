@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def _model_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
+def _wandb_offline_without_credentials(training_args) -> None:
+    # wandb asks for a login (and hangs a non-interactive job) without credentials; runs then log
+    # offline into ./wandb, to be synced later with `wandb sync`.
+    if "wandb" in training_args.report_to and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        if not (Path.home() / ".netrc").is_file():
+            os.environ["WANDB_MODE"] = "offline"
+            logger.info("wandb: no credentials found, logging offline (sync later with `wandb sync`)")
+
+
 def train(argv: list[str]) -> Path:
     """Runs training; returns the output directory (adapter or full model, tokenizer, records)."""
     model_args, data_args, tuning_args, training_args = parse_args(argv)
@@ -89,6 +99,7 @@ def train(argv: list[str]) -> Path:
     model_dir = model_args.model_name_or_path
     family = detect_family(read_config(model_dir))
     check_llm_type(model_args.llm_type, family)
+    _wandb_offline_without_credentials(training_args)
 
     tokenizer = load_tokenizer(model_dir)
     tokens = special_token_ids(tokenizer)
