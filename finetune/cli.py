@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -24,7 +25,7 @@ def _make_tiny(argv: list[str]) -> None:
     from .models.tiny import write_tiny_model
 
     parser = argparse.ArgumentParser(prog="finetune make-tiny", description=COMMANDS["make-tiny"])
-    parser.add_argument("--family", required=True, choices=["2.0", "2.5", "2.6"])
+    parser.add_argument("--family", required=True, choices=["2.0", "2.5", "2.6", "llava", "4.6"])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, help_text in COMMANDS.items():
             print(f"  {name:<12} {help_text}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Under torchrun every rank runs this; only rank 0 reports progress, all ranks report problems.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     from .data.errors import DataErrors
     from .models.config import UnsupportedModelError
     from .models.loading import CheckpointError

@@ -307,7 +307,8 @@ def chat_main(argv: list[str]) -> int:
     try:
         images = [open_image(path) for path in args.image]
     except ImageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.reason} ({error.fix.replace('in the data file', 'given to --image')})",
+              file=sys.stderr)
         return 2
     chat = Chat(args.model, args.adapter, args.dtype, max_slice_nums=args.max_slice_nums)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,

@@ -14,6 +14,9 @@ from transformers import Idefics2VisionConfig, LlamaConfig, PretrainedConfig, Qw
 
 Family = Literal["2.0", "2.5", "2.6"]
 FAMILIES: tuple[Family, ...] = ("2.0", "2.5", "2.6")
+# Families loaded through transformers' own classes (models/hf_native.py), by config.json model_type.
+NativeFamily = Literal["llava", "4.6"]
+HF_NATIVE_FAMILIES: dict[str, NativeFamily] = {"llava": "llava", "minicpmv4_6": "4.6"}
 
 # Top-level keys that describe the multimodal wrapper, not the language model.
 _MULTIMODAL_KEYS = frozenset(
@@ -42,20 +45,24 @@ class UnsupportedModelError(ValueError):
     """config.json describes no model family this toolkit implements."""
 
 
-def detect_family(config: dict[str, Any]) -> Family:
-    """Tells the MiniCPM-V family from a config.json dict, so users never set LLM_TYPE by hand.
+def detect_family(config: dict[str, Any]) -> Family | NativeFamily:
+    """Tells the model family from a config.json dict, so users never set LLM_TYPE by hand.
 
-    2.5 and 2.6 carry a `version` field (a string in 2.5's config, a number in 2.6's); 2.0 has none
-    but is the only family with MiniCPM's muP scalings (`scale_emb`) and a timm vision encoder.
+    MiniCPM-V 2.x (`model_type` minicpmv): 2.5 and 2.6 carry a `version` field (a string in 2.5's
+    config, a number in 2.6's); 2.0 has none but is the only family with MiniCPM's muP scalings
+    (`scale_emb`) and a timm vision encoder. model_type `llava` and `minicpmv4_6` are the families
+    "llava" and "4.6", which load through transformers' own classes (`models/hf_native.py`).
 
     Raises:
         UnsupportedModelError: for other model types or versions, naming what was found.
     """
     model_type = config.get("model_type")
+    if model_type in HF_NATIVE_FAMILIES:
+        return HF_NATIVE_FAMILIES[model_type]
     if model_type != "minicpmv":
         raise UnsupportedModelError(
-            f'config.json has model_type "{model_type}"; this loader reads MiniCPM-V 2.x checkpoints '
-            '(model_type "minicpmv")'
+            f'config.json has model_type "{model_type}"; this toolkit reads MiniCPM-V 2.x checkpoints '
+            '(model_type "minicpmv"), LLaVA ("llava") and MiniCPM-V 4.6 ("minicpmv4_6")'
         )
     version = config.get("version")
     if version is not None:
@@ -123,4 +130,7 @@ class MiniCPMVConfig(PretrainedConfig):
         return vision_config
 
 
-__all__ = ["FAMILIES", "Family", "MiniCPMVConfig", "UnsupportedModelError", "detect_family"]
+__all__ = [
+    "FAMILIES", "Family", "HF_NATIVE_FAMILIES", "MiniCPMVConfig", "NativeFamily", "UnsupportedModelError",
+    "detect_family",
+]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Family, MiniCPMVConfig, detect_family
+from .config import HF_NATIVE_FAMILIES, Family, MiniCPMVConfig, detect_family
 from .minicpm_llama3_v2_5 import MiniCPMLlama3V25
 from .minicpm_v2 import MiniCPMV2
 from .minicpm_v2_6 import MiniCPMV26
@@ -25,6 +25,11 @@ def read_config(path: str | Path) -> dict:
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; pass a directory in Hugging Face hub format")
     return json.loads(config_file.read_text())
+
+
+def _native_family(path_or_config: str | Path | dict) -> str | None:
+    family = detect_family(path_or_config if isinstance(path_or_config, dict) else read_config(path_or_config))
+    return family if family in HF_NATIVE_FAMILIES.values() else None
 
 
 def _config_from(path_or_config: str | Path | dict | MiniCPMVConfig, attn_implementation: str) -> MiniCPMVConfig:
@@ -51,7 +56,12 @@ def build_model(
     """Builds the native model a config describes, with random weights (or none, on "meta").
 
     The memory planner and tests build models on the meta device to count parameters for free.
+    The transformers-native families (llava, 4.6) build their transformers class.
     """
+    if not isinstance(path_or_config, MiniCPMVConfig) and _native_family(path_or_config):
+        from .hf_native import build_hf_native
+
+        return build_hf_native(path_or_config, device=device, dtype=dtype, attn_implementation=attn_implementation)
     config = _config_from(path_or_config, attn_implementation)
     with torch.device(device):
         model = MODEL_CLASSES[config.family](config)
@@ -68,6 +78,8 @@ def load_model(
 ) -> MiniCPMV:
     """Loads a hub-format MiniCPM-V directory (config.json + safetensors) into the native model.
 
+    A llava or minicpmv4_6 directory loads into its transformers class instead (`hf_native.py`).
+
     Args:
         path: the model directory.
         dtype: torch dtype (or its name) for the weights; default: the config's `torch_dtype`.
@@ -77,6 +89,10 @@ def load_model(
         CheckpointError: missing files, or weights whose names do not match the model exactly
             (both lists are shown), e.g. a checkpoint of another family or an unmerged adapter.
     """
+    if family := _native_family(path):
+        from .hf_native import load_hf_native
+
+        return load_hf_native(path, family, dtype=dtype, attn_implementation=attn_implementation)
     config = _config_from(path, attn_implementation)
     if dtype is None:
         dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Family
+from .config import HF_NATIVE_FAMILIES, Family, NativeFamily
 from .loading import build_model
 from .tokenizer import load_tokenizer, special_token_ids, write_tiny_tokenizer
 
@@ -104,12 +104,18 @@ def tiny_config(family: Family, vocab_size: int, bos_token_id: int | None, eos_t
     }
 
 
-def write_tiny_model(family: Family, out_dir: str | Path, *, seed: int = 0) -> Path:
+def write_tiny_model(family: Family | NativeFamily, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Writes a tiny random-weight model of `family` to `out_dir` (config, safetensors, tokenizer).
+
+    "llava" and "4.6" are written by `hf_native.write_tiny_hf_native` (transformers' classes).
 
     Returns:
         The directory, loadable with `finetune.models.load_model`.
     """
+    if family in HF_NATIVE_FAMILIES.values():
+        from .hf_native import write_tiny_hf_native
+
+        return write_tiny_hf_native(family, out_dir, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(family, out)
