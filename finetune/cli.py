@@ -36,7 +36,8 @@ def _check_data(argv: list[str]) -> None:
     from .data.check import check_data
     from .data.dataset import DataSettings, SampleEncoder
     from .data.errors import DataErrors
-    from .models.config import detect_family
+    from .data.hf_native import NativeSampleEncoder
+    from .models.config import HF_NATIVE_FAMILIES, detect_family
     from .models.loading import read_config
     from .models.tokenizer import load_tokenizer, special_token_ids
 
@@ -49,11 +50,15 @@ def _check_data(argv: list[str]) -> None:
     parser.add_argument("--truncation", choices=["turns", "reject"], default="turns")
     args = parser.parse_args(argv)
     config = read_config(args.model)
-    tokenizer = load_tokenizer(args.model)
-    settings = DataSettings(detect_family(config), config["query_num"], args.max_slice_nums,
+    family = detect_family(config)
+    settings = DataSettings(family, config.get("query_num", 0), args.max_slice_nums,
                             args.model_max_length, truncate=args.truncation == "turns")
-    report = check_data(args.data, SampleEncoder(settings, tokenizer, special_token_ids(tokenizer)),
-                        image_root=args.image_root)
+    if family in HF_NATIVE_FAMILIES.values():  # llava, 4.6: the model's processor places images
+        encoder = NativeSampleEncoder.from_pretrained(args.model, settings)
+    else:
+        tokenizer = load_tokenizer(args.model)
+        encoder = SampleEncoder(settings, tokenizer, special_token_ids(tokenizer))
+    report = check_data(args.data, encoder, image_root=args.image_root)
     print(report.summary(args.model_max_length))
     if report.errors:
         raise DataErrors(report.errors)

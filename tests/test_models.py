@@ -254,8 +254,11 @@ def test_family_detection_from_config_dicts():
     assert detect_family({**v25, "version": 2.6}) == "2.6"
     assert detect_family({**v25, "version": "2.6"}) == "2.6"
 
-    with pytest.raises(UnsupportedModelError, match="llava"):
-        detect_family({**v25, "model_type": "llava"})
+    with pytest.raises(UnsupportedModelError, match="qwen2_vl"):
+        detect_family({**v25, "model_type": "qwen2_vl"})
+    # Loaded through transformers' own classes (tests/test_hf_native.py).
+    assert detect_family({"model_type": "llava"}) == "llava"
+    assert detect_family({"model_type": "minicpmv4_6"}) == "4.6"
     with pytest.raises(UnsupportedModelError, match=r"4\.5"):
         detect_family({**v25, "version": "4.5"})
     with pytest.raises(UnsupportedModelError, match=r"4\.5"):

@@ -67,7 +67,16 @@ def check_data(data_path: str, encoder: SampleEncoder, *, image_root: str | None
                     layouts.append(encoder.layout(*opened.size))
             encoded = encoder.encode_text(record, layouts)
         except (ConversationTooLongError, NothingToTrainError) as problem:
-            fix = "" if isinstance(problem, ConversationTooLongError) else "give the sample an answer"
+            if isinstance(problem, NothingToTrainError):
+                fix = "give the sample an answer"
+            elif not encoder.settings.truncate:
+                # The first-exchange message carries its own fix; a refused truncation needs one.
+                fix = (
+                    "raise --model_max_length or lower --max_slice_nums, or use --truncation turns to drop "
+                    "whole exchanges from the end"
+                )
+            else:
+                fix = ""
             report.errors.append(
                 DataError(record["source"]["file"], record["source"]["index"], record["id"], "conversations",
                           str(problem), fix)

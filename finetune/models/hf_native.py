@@ -14,6 +14,7 @@ writes tiny random models (`write_tiny_hf_native`) for tests and demos.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -231,10 +232,11 @@ _TINY_MAX_LENGTH = 2048
 _LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}{% else %}"
+    "{% set ns = namespace(content='') %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{% set ns.content = ns.content + '<image>' %}"
+    "{% elif part['type'] == 'text' %}{% set ns.content = ns.content + part['text'] %}{% endif %}{% endfor %}"
+    "{% set content = ns.content %}{% endif %}{{ content | trim }}{{ '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 # ChatML, as Qwen3.5 and MiniCPM-V 4.6 use it; an image is the processor's image token.
@@ -312,6 +314,8 @@ def write_tiny_hf_native(family: NativeFamily, out_dir: str | Path, *, seed: int
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if family == "4.6" and not hasattr(processor, "video_processor"):
+        _as_released_processor(out / "processor_config.json")
     return out
 
 
@@ -373,6 +377,15 @@ def _tiny_processor(family: NativeFamily, image_processor, tokenizer, config):
         return MiniCPMV4_6Processor(image_processor, video_processor, tokenizer, chat_template=tokenizer.chat_template)
     except ImportError:  # no torchvision: the same files, less video_preprocessor_config.json
         return _image_text_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+
+
+def _as_released_processor(path: Path) -> None:
+    """processor_config.json as `MiniCPMV4_6Processor` writes it, when it was saved without torchvision
+    (by the image-text class): its class name, and the video processor with its defaults."""
+    content = json.loads(path.read_text())
+    content["processor_class"] = "MiniCPMV4_6Processor"
+    content["video_processor"] = {"video_processor_type": "MiniCPMV4_6VideoProcessor"}
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = [

@@ -56,6 +56,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.config import UnsupportedModelError, detect_family
+from ..models.hf_native import MODEL_CLASS_NAMES, native_family
 from ..models.loading import MODEL_CLASSES, CheckpointError, load_model, read_config
 from ..models.tokenizer import load_tokenizer
 
@@ -69,7 +70,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
-BASE_SIDE_FILES = ("preprocessor_config.json", "generation_config.json", "processor_config.json")
+BASE_SIDE_FILES = (
+    "preprocessor_config.json", "generation_config.json", "processor_config.json", "video_preprocessor_config.json",
+)
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_NAME_PARTS = ("lora_", "modules_to_save", "original_module", "base_layer", "token_adapter")
 _PEFT_PREFIX = "base_model.model."
@@ -218,10 +221,11 @@ def _check_base_dir(base: Path, adapter: Path, adapter_config: dict) -> str:
     if not base.is_dir():
         raise MergeError(f"base model directory {base} does not exist")
     family = detect_family(read_config(base))
-    base_class = MODEL_CLASSES[family].__name__
+    class_names = {f: cls.__name__ for f, cls in MODEL_CLASSES.items()} | MODEL_CLASS_NAMES
+    base_class = class_names[family]
     trained_class = (adapter_config.get("auto_mapping") or {}).get("base_model_class")
     if trained_class and trained_class != base_class:
-        trained = next((f for f, cls in MODEL_CLASSES.items() if cls.__name__ == trained_class), "?")
+        trained = next((f for f, name in class_names.items() if name == trained_class), "?")
         raise MergeError(f"the adapter in {adapter} was trained on a MiniCPM-V {trained} model "
                          f"({trained_class}), but {base} is MiniCPM-V {family} ({base_class})")
     run_config = adapter / "run_config.json"
@@ -371,7 +375,9 @@ def _expected_after_merge(adapter: Path, adapter_config: dict, adapter_tensors: 
     token_indices = adapter_config.get("trainable_token_indices")
     for key, tensor in adapter_tensors.items():
         name = key.removeprefix(_PEFT_PREFIX)
-        if "lora_" in name:
+        if "lora_" in name or ".base_layer." in name:
+            # peft also saves the frozen base weight of a LoRA-wrapped embedding or lm_head
+            # (save_embedding_layers); merging adds the LoRA delta to it, so it is no merged value.
             continue
         if name.endswith(".token_adapter.trainable_tokens_delta"):
             module = name.removesuffix(".token_adapter.trainable_tokens_delta")
@@ -400,6 +406,12 @@ def _merged_state_dict(merged, layout: _Layout | None, base: Path, adapter: Path
         if key not in state or not torch.equal(state[key][indices], tensor.to(state[key].dtype)):
             raise MergeError(f"the trained rows of {key} from {adapter} are not in the merged weights")
 
+    if native_family(merged) is not None:
+        # transformers' classes may store weights under other names than their attributes (LLaVA keeps
+        # its pre-v4.52 `language_model.model.*` keys on disk): name them as save_pretrained would.
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(merged, state)
     if layout is None:
         return state
     ignorable = [re.compile(p) for p in getattr(type(merged), "_keys_to_ignore_on_load_unexpected", None) or []]

@@ -21,7 +21,8 @@ from ..data.check import DataReport, check_data
 from ..data.collator import LengthGroupedSampler, MiniCPMVCollator
 from ..data.dataset import ConversationDataset, DataSettings, SampleEncoder
 from ..data.errors import DataErrors
-from ..models.config import detect_family
+from ..data.hf_native import NativeSampleEncoder
+from ..models.config import HF_NATIVE_FAMILIES, detect_family
 from ..models.loading import load_model, read_config
 from ..models.tokenizer import load_tokenizer, special_token_ids
 from .args import check_llm_type, parse_args
@@ -37,6 +38,8 @@ logger = logging.getLogger("finetune")
 _MODEL_SIDE_FILES = (
     "preprocessor_config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    # transformers-native families: their processor's files, so AutoProcessor reads the output
+    "processor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
 )
 
 
@@ -101,9 +104,7 @@ def train(argv: list[str]) -> Path:
     check_llm_type(model_args.llm_type, family)
     _wandb_offline_without_credentials(training_args)
 
-    tokenizer = load_tokenizer(model_dir)
-    tokens = special_token_ids(tokenizer)
-    query_num = read_config(model_dir)["query_num"]
+    query_num = read_config(model_dir).get("query_num", 0)  # 2.x only
     settings = DataSettings(
         family=family,
         query_num=query_num,
@@ -111,7 +112,14 @@ def train(argv: list[str]) -> Path:
         model_max_length=data_args.model_max_length,
         truncate=data_args.truncation == "turns",
     )
-    encoder = SampleEncoder(settings, tokenizer, tokens)
+    if family in HF_NATIVE_FAMILIES.values():  # llava, 4.6: the model's processor places images
+        encoder = NativeSampleEncoder.from_pretrained(model_dir, settings)
+        tokenizer, tokens, collator = encoder.tokenizer, encoder.tokens, encoder.collator()
+    else:
+        tokenizer = load_tokenizer(model_dir)
+        tokens = special_token_ids(tokenizer)
+        encoder = SampleEncoder(settings, tokenizer, tokens)
+        collator = MiniCPMVCollator(tokens.pad, query_num)
     train_dataset = _validated_dataset(data_args.data_path, encoder, data_args, training_args, "train")
     eval_dataset = None
     if data_args.eval_data_path:
@@ -122,7 +130,7 @@ def train(argv: list[str]) -> Path:
     set_seed(training_args.seed)
     model = load_model(model_dir, dtype=_model_dtype(training_args), attn_implementation=model_args.attn_implementation)
     model = apply_tuning(model, tuning_args, tokens)
-    logger.info("MiniCPM-V %s from %s\n%s", family, model_dir, trainable_summary(model))
+    logger.info("family %s from %s\n%s", family, model_dir, trainable_summary(model))
     if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under
         # LoRA work without enable_input_require_grads.
@@ -138,7 +146,7 @@ def train(argv: list[str]) -> Path:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MiniCPMVCollator(tokens.pad, query_num),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(), NonFiniteCallback(), CheckpointMarker()],
     )

@@ -7,20 +7,36 @@ import logging
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from ..models import hf_native
 from ..models.minicpmv import MiniCPMV
 from ..models.tokenizer import SpecialTokens
-from .args import VISION_LORA_TARGETS, TuningArguments
+from .args import DEFAULT_LORA_TARGETS, VISION_LORA_TARGETS, TuningArguments
 
 logger = logging.getLogger(__name__)
 
+# Module paths of what --tune_vision, --tune_resampler and --tune_llm train in the native 2.x models;
+# transformers' classes have theirs in `hf_native.PARTS`.
+PARTS = {"vision": ("vpm",), "resampler": ("resampler",), "llm": ("llm",)}
 
-def _lora_targets(tuning: TuningArguments) -> str | list[str]:
+
+def model_parts(model: nn.Module) -> tuple[dict[str, tuple[str, ...]], str, str]:
+    """The model's part map and its default LoRA targets (language model, vision encoder)."""
+    family = hf_native.native_family(model)
+    if family is None:
+        return PARTS, DEFAULT_LORA_TARGETS, VISION_LORA_TARGETS
+    return hf_native.PARTS[family], hf_native.LORA_TARGETS, hf_native.VISION_LORA_TARGETS
+
+
+def _lora_targets(tuning: TuningArguments, llm_targets: str = DEFAULT_LORA_TARGETS,
+                  vision_targets: str = VISION_LORA_TARGETS) -> str | list[str]:
     targets = tuning.lora_target_modules
     if "," in targets or targets.isidentifier():
         names = [name.strip() for name in targets.split(",") if name.strip()]
         return names
+    if targets == DEFAULT_LORA_TARGETS:  # the flag's default names the 2.x modules
+        targets = llm_targets
     if tuning.lora_on_vision:
-        targets = f"({targets})|({VISION_LORA_TARGETS})"
+        targets = f"({targets})|({vision_targets})"
     return targets
 
 
@@ -38,16 +54,17 @@ def apply_tuning(model: MiniCPMV, tuning: TuningArguments, tokens: SpecialTokens
         The model to train: `model` itself, or a peft `PeftModel` around it with `--use_lora`.
     """
     model.requires_grad_(False)
-    full_parts = {"vpm": tuning.tune_vision, "resampler": tuning.tune_resampler, "llm": tuning.tune_llm}
+    parts, llm_targets, vision_targets = model_parts(model)
+    full_parts = {"vision": tuning.tune_vision, "resampler": tuning.tune_resampler, "llm": tuning.tune_llm}
     if tuning.use_lora:
-        modules_to_save = [name for name, on in full_parts.items() if on and name != "llm"]
+        modules_to_save = [path for name, on in full_parts.items() if on and name != "llm" for path in parts[name]]
         if tuning.tune_embeddings == "full":
             modules_to_save.append("embed_tokens")
         config = LoraConfig(
             r=tuning.lora_r,
             lora_alpha=tuning.lora_alpha,
             lora_dropout=tuning.lora_dropout,
-            target_modules=_lora_targets(tuning),
+            target_modules=_lora_targets(tuning, llm_targets, vision_targets),
             modules_to_save=modules_to_save or None,
             # peft trains just these rows and saves them with the adapter.
             trainable_token_indices={"embed_tokens": added_token_ids(tokens)}
@@ -58,7 +75,8 @@ def apply_tuning(model: MiniCPMV, tuning: TuningArguments, tokens: SpecialTokens
     else:
         for name, on in full_parts.items():
             if on:
-                getattr(model, name).requires_grad_(True)
+                for path in parts[name]:
+                    model.get_submodule(path).requires_grad_(True)
         if tuning.tune_embeddings == "full":
             model.get_input_embeddings().requires_grad_(True)
     for name, parameter in model.named_parameters():
@@ -70,9 +88,12 @@ def apply_tuning(model: MiniCPMV, tuning: TuningArguments, tokens: SpecialTokens
 
 def trainable_summary(model: nn.Module) -> str:
     """'trainable: N of M parameters (p%)' plus a line per top-level part."""
+    parts, _, _ = model_parts(model)
     per_part: dict[str, list[int]] = {}
     for name, parameter in model.named_parameters():
-        part = next((p for p in ("vpm", "resampler", "llm") if p in name.split(".")), "other")
+        # Under peft, names gain a prefix and wrapper levels; the part's path is still in them.
+        part = next((f"{part} ({', '.join(paths)})" for part, paths in parts.items()
+                     if any(f".{path}." in f".{name}" for path in paths)), "other")
         counts = per_part.setdefault(part, [0, 0])
         counts[1] += parameter.numel()
         if parameter.requires_grad:
@@ -84,4 +105,4 @@ def trainable_summary(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["added_token_ids", "apply_tuning", "trainable_summary"]
+__all__ = ["PARTS", "added_token_ids", "apply_tuning", "model_parts", "trainable_summary"]
