@@ -34,12 +34,10 @@ def _make_tiny(argv: list[str]) -> None:
 
 def _check_data(argv: list[str]) -> None:
     from .data.check import check_data
-    from .data.dataset import DataSettings, SampleEncoder
+    from .data.dataset import DataSettings, load_sample_encoder
     from .data.errors import DataErrors
-    from .data.hf_native import NativeSampleEncoder
-    from .models.config import HF_NATIVE_FAMILIES, detect_family
+    from .models.config import detect_family
     from .models.loading import read_config
-    from .models.tokenizer import load_tokenizer, special_token_ids
 
     parser = argparse.ArgumentParser(prog="finetune check-data", description=COMMANDS["check-data"])
     parser.add_argument("data", help=".json/.jsonl files, comma-separated")
@@ -50,15 +48,9 @@ def _check_data(argv: list[str]) -> None:
     parser.add_argument("--truncation", choices=["turns", "reject"], default="turns")
     args = parser.parse_args(argv)
     config = read_config(args.model)
-    family = detect_family(config)
-    settings = DataSettings(family, config.get("query_num", 0), args.max_slice_nums,
+    settings = DataSettings(detect_family(config), config.get("query_num", 0), args.max_slice_nums,
                             args.model_max_length, truncate=args.truncation == "turns")
-    if family in HF_NATIVE_FAMILIES.values():  # llava, 4.6: the model's processor places images
-        encoder = NativeSampleEncoder.from_pretrained(args.model, settings)
-    else:
-        tokenizer = load_tokenizer(args.model)
-        encoder = SampleEncoder(settings, tokenizer, special_token_ids(tokenizer))
-    report = check_data(args.data, encoder, image_root=args.image_root)
+    report = check_data(args.data, load_sample_encoder(args.model, settings), image_root=args.image_root)
     print(report.summary(args.model_max_length))
     if report.errors:
         raise DataErrors(report.errors)

@@ -8,13 +8,15 @@ exactly what training reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..models.config import Family
-from ..models.tokenizer import SpecialTokens
+from ..models.config import HF_NATIVE_FAMILIES, Family
+from ..models.tokenizer import SpecialTokens, load_tokenizer, special_token_ids
+from .collator import MiniCPMVCollator
 from .images import open_image, preprocess_image
 from .slicing import plan_slices
 from .templates import ChatEncoder, Encoded, ImageLayout
@@ -34,9 +36,21 @@ class DataSettings:
 
 
 class SampleEncoder:
+    """Encodes records for the native MiniCPM-V 2.x families (see `load_sample_encoder`)."""
+
     def __init__(self, settings: DataSettings, tokenizer, tokens: SpecialTokens) -> None:
         self.settings = settings
+        self.tokenizer = tokenizer
+        self.tokens = tokens
         self.chat = ChatEncoder(settings.family, tokenizer, tokens, settings.query_num)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, settings: DataSettings) -> SampleEncoder:
+        tokenizer = load_tokenizer(model_dir)
+        return cls(settings, tokenizer, special_token_ids(tokenizer))
+
+    def collator(self) -> MiniCPMVCollator:
+        return MiniCPMVCollator(self.tokens.pad, self.settings.query_num, self.settings.patch_size)
 
     def layout(self, width: int, height: int) -> ImageLayout:
         s = self.settings
@@ -89,6 +103,15 @@ class SampleEncoder:
         }
 
 
+def load_sample_encoder(model_dir: str | Path, settings: DataSettings):
+    """The record encoder for the model in `model_dir`: ours for 2.x, the processor's for llava / 4.6."""
+    if settings.family in HF_NATIVE_FAMILIES.values():
+        from .hf_native import NativeSampleEncoder  # imports this module
+
+        return NativeSampleEncoder.from_pretrained(model_dir, settings)
+    return SampleEncoder.from_pretrained(model_dir, settings)
+
+
 class ConversationDataset(Dataset):
     """Map-style dataset over validated canonical records; images are decoded in `__getitem__`,
     that is, lazily in the dataloader workers."""
@@ -107,4 +130,4 @@ class ConversationDataset(Dataset):
         return self.encoder.encode(record, images)
 
 
-__all__ = ["ConversationDataset", "DataSettings", "SampleEncoder"]
+__all__ = ["ConversationDataset", "DataSettings", "SampleEncoder", "load_sample_encoder"]

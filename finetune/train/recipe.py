@@ -18,13 +18,11 @@ import torch
 from transformers import Trainer, set_seed
 
 from ..data.check import DataReport, check_data
-from ..data.collator import LengthGroupedSampler, MiniCPMVCollator
-from ..data.dataset import ConversationDataset, DataSettings, SampleEncoder
+from ..data.collator import LengthGroupedSampler
+from ..data.dataset import ConversationDataset, DataSettings, SampleEncoder, load_sample_encoder
 from ..data.errors import DataErrors
-from ..data.hf_native import NativeSampleEncoder
-from ..models.config import HF_NATIVE_FAMILIES, detect_family
+from ..models.config import detect_family
 from ..models.loading import load_model, read_config
-from ..models.tokenizer import load_tokenizer, special_token_ids
 from .args import check_llm_type, parse_args
 from .callbacks import NonFiniteCallback, ThroughputCallback, write_run_record
 from .checkpoints import CheckpointMarker, resolve_resume
@@ -112,14 +110,8 @@ def train(argv: list[str]) -> Path:
         model_max_length=data_args.model_max_length,
         truncate=data_args.truncation == "turns",
     )
-    if family in HF_NATIVE_FAMILIES.values():  # llava, 4.6: the model's processor places images
-        encoder = NativeSampleEncoder.from_pretrained(model_dir, settings)
-        tokenizer, tokens, collator = encoder.tokenizer, encoder.tokens, encoder.collator()
-    else:
-        tokenizer = load_tokenizer(model_dir)
-        tokens = special_token_ids(tokenizer)
-        encoder = SampleEncoder(settings, tokenizer, tokens)
-        collator = MiniCPMVCollator(tokens.pad, query_num)
+    encoder = load_sample_encoder(model_dir, settings)
+    tokenizer, tokens = encoder.tokenizer, encoder.tokens
     train_dataset = _validated_dataset(data_args.data_path, encoder, data_args, training_args, "train")
     eval_dataset = None
     if data_args.eval_data_path:
@@ -146,7 +138,7 @@ def train(argv: list[str]) -> Path:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collator,
+        data_collator=encoder.collator(),
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(), NonFiniteCallback(), CheckpointMarker()],
     )
