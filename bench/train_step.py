@@ -1,7 +1,7 @@
 """Training-step speed of our MiniCPM-V model beside a straightforward reference-recipe-style step.
 
-    .venv/bin/python bench/train_step.py                 # default: ~2-3 min on 2 CPU cores
-    .venv/bin/python bench/train_step.py --steps 5 --profile
+    .venv/bin/python bench/train_step.py           # ~2.5 CPU-minutes (about 6 min wall on a busy 2-core box)
+    .venv/bin/python bench/train_step.py --steps 5 --ref-pad-to 0 --profile
 
 One model (`build_model(config, device="cpu")`, MiniCPM-V 2.6 layout at a mid size, fp32) and one
 batch (4 samples through SampleEncoder + MiniCPMVCollator: two sliced images, one unsliced, one
@@ -26,14 +26,19 @@ is used because its vision encoder masks padded patches, so one slice encoded al
 same slice in a padded batch; 2.5's released encoder does not (spec §1.2), and per-slice calls
 would change its numbers.
 
-Figures: median ms/step over --steps timed rounds after --warmup; tokens/s counts non-padding
-tokens (images' placeholder tokens included); peak RSS delta is the highest resident set size
-sampled (every 2 ms) during a step minus the size just before it (approximate).
+Figures: medians over --steps timed rounds, after the check (which runs ours and the reference once)
+and AdamW's state creation; --warmup adds untimed rounds. Wall and CPU ms/step are both printed;
+the speed-up and tokens/s (non-padding tokens, image placeholders included, per CPU second) use CPU
+time, which on a shared machine measures the work where wall time measures the neighbours too.
+One torch thread by default for the same reason (--threads to change it). Peak RSS delta is the
+highest resident set size sampled every 2 ms during a step minus the size just before it (approximate).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import random
 import statistics
@@ -140,7 +145,9 @@ def to_reference_batch(batch: dict[str, torch.Tensor], pad_to: int | None) -> di
         input_ids[i, :n] = batch["input_ids"][i, :n]
         position_ids[i, :n] = torch.arange(n)
         labels[i, : n - 1] = batch["labels"][i, 1:n]  # the recipe's labels are already shifted
-    pixel_values, tgt_sizes, image_bound = [[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)]
+    pixel_values: list[list] = [[] for _ in range(rows)]
+    tgt_sizes: list[list] = [[] for _ in range(rows)]
+    image_bound: list[list] = [[] for _ in range(rows)]
     patch = batch["pixel_values"].shape[2]
     for strip, (h, w), (sample, start, end) in zip(
         batch["pixel_values"], batch["tgt_sizes"].tolist(), batch["image_bound"].tolist()
@@ -186,10 +193,16 @@ def reference_loss(model, data: dict) -> torch.Tensor:
 
 
 class PeakRSS:
-    """Samples this process's resident set size every 2 ms while active (Linux /proc)."""
+    """Samples this process's resident set size every 2 ms while active (Linux /proc).
+
+    On entry, glibc is asked to return freed heap to the system first, so memory one variant freed
+    does not hide the next variant's growth.
+    """
 
     def __init__(self) -> None:
         self._page = os.sysconf("SC_PAGE_SIZE")
+        libc_name = ctypes.util.find_library("c")
+        self._libc = ctypes.CDLL(libc_name) if libc_name else None
         self._peak = 0
         self._running = False
         self._thread: threading.Thread | None = None
@@ -204,6 +217,8 @@ class PeakRSS:
             time.sleep(0.002)
 
     def __enter__(self) -> PeakRSS:
+        if self._libc is not None and hasattr(self._libc, "malloc_trim"):
+            self._libc.malloc_trim(0)
         self.start = self.rss()
         self._peak = self.start
         self._running = True
@@ -229,6 +244,10 @@ def grads(model) -> list[torch.Tensor]:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
+def total_norm(tensors: list[torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
+
+
 def check_same(model, batch, ref_batch) -> None:
     """Ours and the reference give the same loss and gradients; exits non-zero if not."""
     model.zero_grad(set_to_none=True)
@@ -243,10 +262,8 @@ def check_same(model, batch, ref_batch) -> None:
     loss_rel = abs(ours.item() - ref.item()) / abs(ref.item())
     # Relative to the whole gradient, not per tensor: some tensors' gradients are zero in exact
     # arithmetic (a key bias under softmax) and differ only in rounding noise.
-    diff = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(ours_grads, ref_grads)]))
-    norm_o = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ours_grads])).item()
-    norm_r = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref_grads])).item()
-    grad_rel = diff.item() / norm_r
+    norm_o, norm_r = total_norm(ours_grads), total_norm(ref_grads)
+    grad_rel = total_norm([a - b for a, b in zip(ours_grads, ref_grads)]) / norm_r
     print(f"loss   ours {ours.item():.6f}   reference {ref.item():.6f}   relative difference {loss_rel:.1e}")
     print(f"grads  norm ours {norm_o:.6f}   reference {norm_r:.6f}   |ours - ref| / |ref| {grad_rel:.1e}")
     if loss_rel > 1e-4 or grad_rel > 1e-4:
@@ -265,11 +282,12 @@ def main() -> None:
     parser.add_argument("--model-max-length", type=int, default=1024)
     parser.add_argument("--ref-pad-to", type=int, default=None,
                         help="fixed pad length of the ref(pad N) variant (default: --model-max-length; 0: skip it)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine CPU time then measures the work "
+                        "itself, and one thread loses nothing to waiting for a descheduled sibling)")
     parser.add_argument("--profile", action="store_true", help="also profile one step of ours and of the reference")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     pad_to = args.model_max_length if args.ref_pad_to is None else args.ref_pad_to
 
     torch.manual_seed(0)
@@ -317,27 +335,35 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_times: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, list[int]] = {name: [] for name in variants}
     timing_start = time.perf_counter()
     for round_index in range(args.warmup + args.steps):
         for name, spec in variants.items():
             with PeakRSS() as rss:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step(*spec)
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if round_index >= args.warmup:
                 times[name].append(elapsed)
+                cpu_times[name].append(cpu)
                 peaks[name].append(rss.delta)
     set_checkpointing(model, False)
     print(f"(timing took {time.perf_counter() - timing_start:.0f} s wall)")
 
-    base = statistics.median(times["ref(longest)"])
-    print(f"\n{args.steps} timed rounds after {args.warmup} warm-up; ratio = ref(longest) ms/step / variant ms/step")
-    print(f"{'variant':<15}{'ms/step':>9}{'min':>8}{'max':>8}{'tokens/s':>10}{'peak RSS +MiB':>15}{'speed-up':>10}")
+    base = statistics.median(cpu_times["ref(longest)"])
+    print(f"\n{args.steps} timed rounds after {args.warmup} warm-up, medians; speed-up = ref(longest) CPU ms/step / "
+          "the variant's; tokens/s = non-padding tokens per CPU second")
+    header = f"{'variant':<15}{'wall ms/step':>13}{'CPU ms/step':>13}{'tokens/s':>10}{'peak RSS +MiB':>15}"
+    print(header + f"{'speed-up':>10}")
     for name in variants:
-        median = statistics.median(times[name])
-        print(f"{name:<15}{median * 1e3:>9.0f}{min(times[name]) * 1e3:>8.0f}{max(times[name]) * 1e3:>8.0f}"
-              f"{real_tokens / median:>10.0f}{statistics.median(peaks[name]) / 2**20:>15.0f}{base / median:>9.2f}x")
+        wall, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
+        print(f"{name:<15}{wall * 1e3:>13.0f}{cpu * 1e3:>13.0f}{real_tokens / cpu:>10.0f}"
+              f"{statistics.median(peaks[name]) / 2**20:>15.0f}{base / cpu:>9.2f}x")
+    busy = sum(map(sum, cpu_times.values())) / sum(map(sum, times.values()))
+    if busy < 0.9 * args.threads:
+        print(f"note: the process got {busy:.2f} CPU-seconds per second with {args.threads} thread(s): the machine "
+              "was shared, so wall times are inflated; compare CPU times")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -208,6 +208,16 @@ class MiniCPMV(PreTrainedModel, GenerationMixin):
         """
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, tgt_sizes, image_bound, slice_counts)
+        if labels is not None:
+            use_cache = False  # a training step has no later step to reuse keys and values
+            if (
+                attention_mask is not None
+                and self.config._attn_implementation != "flash_attention_2"  # it skips padding by the mask
+                and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+            ):
+                # Right padding only: causal attention never lets a real token see it, and without a
+                # mask SDPA takes its causal kernel instead of materialising a T x T mask.
+                attention_mask = None
         outputs = self.llm.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
