@@ -18,6 +18,7 @@ COMMANDS = {
     "merge": "fold a LoRA adapter into a standalone model directory",
     "chat": "answer a question about images (--interactive: a multi-turn session)",
     "evaluate": "score a model on held-out conversations (exact, BLEU, ROUGE-L, eval loss)",
+    "memory": "predict per-GPU and host memory of a training command, before launching it",
 }
 
 
@@ -62,12 +63,10 @@ def _train(argv: list[str]) -> None:
     train(argv)
 
 
-def _merge(argv: list[str]) -> None:
+def _merge(argv: list[str]) -> int:
     from .train.merge import merge_main
 
-    code = merge_main(argv)
-    if code:
-        raise SystemExit(code)
+    return merge_main(argv)
 
 
 def _chat(argv: list[str]) -> None:
@@ -86,8 +85,20 @@ def _evaluate(argv: list[str]) -> None:
         raise SystemExit(code)
 
 
+def _memory(argv: list[str]) -> int:
+    from .memory.cli import memory_main
+
+    return memory_main(argv)
+
+
+def _memory(argv: list[str]) -> int:
+    from .memory.cli import memory_main
+
+    return memory_main(argv)
+
+
 _HANDLERS = {"train": _train, "check-data": _check_data, "make-tiny": _make_tiny, "merge": _merge,
-             "chat": _chat, "evaluate": _evaluate}
+             "chat": _chat, "evaluate": _evaluate, "memory": _memory}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     from .train.args import ConfigError
 
     try:
-        _HANDLERS[argv[0]](argv[1:])
+        code = _HANDLERS[argv[0]](argv[1:])
     except DataErrors as errors:
         print(f"error: the data has problems; nothing was trained:\n{errors}", file=sys.stderr)
         return 2
     except (ConfigError, CheckpointError, UnsupportedModelError, MissingSpecialTokenError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 __all__ = ["main"]

@@ -41,7 +41,7 @@ from .data.collator import MiniCPMVCollator
 from .data.dataset import DataSettings, SampleEncoder
 from .data.formats import IMAGE_MARKER_RE, image_marker
 from .data.images import ImageError, open_image
-from .models.config import detect_family
+from .models.config import FAMILIES, UnsupportedModelError, detect_family
 from .models.loading import CheckpointError, load_model, read_config
 from .models.minicpmv import MiniCPMV
 from .models.tokenizer import load_tokenizer, special_token_ids
@@ -130,12 +130,14 @@ class Chat:
         dtype: torch dtype or its name; default: the checkpoint's own (config.json).
         device: default: "cuda" where available, else "cpu".
         max_slice_nums: most slices per image; default: what the run that produced the model or
-            adapter used (its run_config.json), else 9, the training default.
+            adapter used (its run_config.json; for a merged model, its adapter's), else 9, the
+            training default.
         attn_implementation: as for `load_model`.
 
     Raises:
         CheckpointError: `model_dir` or `adapter` is not a usable directory.
-        UnsupportedModelError, MissingSpecialTokenError: from loading.
+        UnsupportedModelError: not a native MiniCPM-V 2.x model (also raised by loading).
+        MissingSpecialTokenError: from loading the tokenizer.
     """
 
     def __init__(
@@ -150,6 +152,11 @@ class Chat:
     ) -> None:
         config = read_config(model_dir)
         family = detect_family(config)
+        if family not in FAMILIES:
+            raise UnsupportedModelError(
+                f"{model_dir}: chat and evaluate run the native MiniCPM-V families {', '.join(FAMILIES)}; "
+                f"this is a {family} model (use its transformers class's own generate)"
+            )
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise CheckpointError(f"{adapter}: no adapter_config.json; --adapter takes the output_dir (or a "
                                   "checkpoint-N) of a --use_lora run")
@@ -269,13 +276,13 @@ class Chat:
 
 
 def _trained_with(run_dir: Path, name: str) -> int | None:
-    """A data argument of the run that wrote `run_dir` (its run_config.json), if it recorded one."""
-    record = run_dir / "run_config.json"
-    if not record.is_file():
-        return None
+    """A data argument of the run that wrote `run_dir` (its run_config.json), if it recorded one; for
+    a `finetune merge` output, of the run that wrote its adapter (named in merge_info.json)."""
     try:
-        return json.loads(record.read_text())["arguments"]["data"][name]
-    except (KeyError, TypeError, ValueError):
+        if not (run_dir / "run_config.json").is_file() and (run_dir / "merge_info.json").is_file():
+            run_dir = Path(json.loads((run_dir / "merge_info.json").read_text())["adapter"])
+        return json.loads((run_dir / "run_config.json").read_text())["arguments"]["data"][name]
+    except (OSError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -34,7 +34,7 @@ ARGS=(
   --"$PRECISION" true
   --output_dir "$OUTPUT_DIR" --resume_from_checkpoint auto
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
-  --num_train_epochs "$EPOCHS" --learning_rate "$LR" --warmup_ratio 0.03 --lr_scheduler_type cosine
+  --num_train_epochs "$EPOCHS" --learning_rate "$LR" --warmup_steps 0.03 --lr_scheduler_type cosine
   --model_max_length "$MAX_LENGTH" --max_slice_nums "$MAX_SLICE_NUMS"
   --save_steps "$SAVE_STEPS" --save_total_limit 3 --report_to "$REPORT_TO"
 )

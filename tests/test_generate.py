@@ -3,6 +3,7 @@ a left-padded batch equals its prompts one at a time, and `finetune chat` answer
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from finetune.cli import main
+from finetune.data.dataset import SampleEncoder
 from finetune.data.slicing import plan_slices
 from finetune.generate import Chat, PromptError, to_record
 
@@ -29,8 +31,11 @@ SMALL = _image(64, 48, 2)  # not sliced
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def chat(request) -> Chat:
-    return Chat(request.getfixturevalue(f"tiny_v{request.param.replace('.', '_')}_dir"),
-                max_slice_nums=MAX_SLICE_NUMS)
+    chat = Chat(request.getfixturevalue(f"tiny_v{request.param.replace('.', '_')}_dir"), max_slice_nums=MAX_SLICE_NUMS)
+    # Slices of 224 instead of 448 pixels: a quarter of the patches, the same code path.
+    chat.encoder = SampleEncoder(dataclasses.replace(chat.encoder.settings, scale_resolution=224),
+                                 chat.tokenizer, chat.tokens)
+    return chat
 
 
 @torch.no_grad()
@@ -99,7 +104,8 @@ def test_ask_with_images(chat, images):
     assert isinstance(answer, str)
     prompt = chat.prompt([{"role": "user", "content": "What do you see?", "images": images}])
     ids, t, q = prompt["input_ids"], chat.tokens, chat.encoder.settings.query_num
-    slices = sum(plan_slices(*image.size, max_slice_nums=MAX_SLICE_NUMS).num_slices for image in images)
+    slices = sum(plan_slices(*image.size, max_slice_nums=MAX_SLICE_NUMS, scale_resolution=224).num_slices
+                 for image in images)
     assert len(prompt["image_spans"]) == len(prompt["slices"]) == slices
     assert int((ids == t.unk).sum()) == slices * q
     for start in prompt["image_spans"].tolist():  # each span: start token, q placeholders, end token

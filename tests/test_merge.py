@@ -167,6 +167,18 @@ def test_merging_again_gives_the_same_directory(merged, tmp_path):
     assert _file_hashes(merge_adapter(base, adapter, tmp_path / "again")) == before
 
 
+def test_lora_on_lm_head_merges(tiny_v2_5_dir, tmp_path):
+    """LoRA on lm_head (the smoke demo's targets) makes peft save lm_head's frozen base weight in the
+    adapter (save_embedding_layers); that is no trained copy: the merge folds the LoRA delta into it."""
+    targets = r"llm\.(lm_head|model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj)"
+    adapter = _make_adapter(tiny_v2_5_dir, tmp_path / "adapter", {"lora_target_modules": targets},
+                            save_tokenizer=False)
+    out = merge_adapter(tiny_v2_5_dir, adapter, tmp_path / "merged")
+    batch = _batch(tiny_v2_5_dir)
+    reference = _logits(PeftModel.from_pretrained(load_model(tiny_v2_5_dir), adapter), batch)
+    torch.testing.assert_close(_logits(load_model(out), batch), reference, rtol=0, atol=1e-5)
+
+
 def test_dtype_changes_weights_and_config_only(tiny_v2_5_dir, tmp_path):
     adapter = _make_adapter(tiny_v2_5_dir, tmp_path / "adapter", {}, save_tokenizer=False)
     out = merge_adapter(tiny_v2_5_dir, adapter, tmp_path / "bf16", dtype="bfloat16")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ class ModelCounts:
     family: str
     parts: dict[str, int]
     largest: dict[str, int]  # numel of each part's largest parameter tensor
+    never_trained: int  # parameters apply_tuning always freezes (2.0's fixed resampler query table)
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -97,24 +97,40 @@ def count_model(model_config_or_dir: str | Path | dict | ModelCounts) -> ModelCo
     """Counts a model given its directory (config.json) or config dict; cached per config.
 
     Raises:
-        CheckpointError / UnsupportedModelError: from the model loader, for a missing or foreign config.
+        CheckpointError: no config.json in the directory.
+        UnsupportedModelError: not a MiniCPM-V 2.0 / 2.5 / 2.6 config.
     """
     if isinstance(model_config_or_dir, ModelCounts):
         return model_config_or_dir
-    return _count(_config_key(model_config_or_dir), model_config_or_dir if isinstance(model_config_or_dir, dict) else None)
+    key = _config_key(model_config_or_dir)
+    if key not in _CACHE:
+        _CACHE[key] = _count(key, model_config_or_dir if isinstance(model_config_or_dir, dict) else None)
+    return _CACHE[key]
 
 
-@lru_cache(maxsize=8)
+_CACHE: dict[str, ModelCounts] = {}
+
+
 def _count(key: str, config: dict | None) -> ModelCounts:
     from torch import nn
 
+    from ..models.config import UnsupportedModelError
     from ..models.loading import build_model
+    from ..models.minicpmv import MiniCPMV
 
     model = build_model(config if config is not None else key, device="meta")
+    if not isinstance(model, MiniCPMV):
+        raise UnsupportedModelError(
+            f"{key if config is None else 'this config'}: memory estimates cover MiniCPM-V 2.0, 2.5 and 2.6; "
+            f"got {type(model).__name__}"
+        )
     parts = dict.fromkeys(PARTS, 0)
     largest = dict.fromkeys(PARTS, 0)
     sizes = []
+    never_trained = 0
     for name, parameter in model.named_parameters():
+        if name.startswith("resampler.") and name.endswith("pos_embed"):
+            never_trained += parameter.numel()
         if name.startswith("llm.model.embed_tokens"):
             part = "embed_tokens"
         elif name.startswith("llm.lm_head"):
@@ -140,6 +156,7 @@ def _count(key: str, config: dict | None) -> ModelCounts:
         family=model.config.family,
         parts=parts,
         largest=largest,
+        never_trained=never_trained,
         hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size,
         num_layers=text.num_hidden_layers,

@@ -268,20 +268,89 @@ def run_all(quick: bool = False) -> dict:
             for mode in ("full", "frozen", "no_grad"):
                 record(f"vision_{attn}_{mode}_S2_L{patches}",
                        lambda a=attn, p=patches, m=mode: vision_layer(2, p, a, m))
-    for mode in ("full", "no_grad"):
-        record(f"resampler_4096_q96_{mode}_S2_L1024", lambda m=mode: resampler(2, 1024, 4096, 96, m))
     record("logits_selective_T1024_n256_V128256",
            lambda: logits_and_loss(1024, 4096, 128256, "selective", supervised=256))
     record("logits_full_T256_V128256", lambda: logits_and_loss(256, 4096, 128256, "full"))
+    # Last: on some CPUs oneDNN refuses the resampler's strided bf16 matmul and torch falls back to a
+    # slow kernel for the rest of the process (the byte counts are unaffected).
+    for mode in ("full", "no_grad"):
+        record(f"resampler_4096_q96_{mode}_S2_L1024", lambda m=mode: resampler(2, 1024, 4096, 96, m))
     return report
+
+
+def derive(results: dict) -> dict:
+    """Per-token coefficients (bytes, bf16) from `run_all`'s results; `constants.py` records them.
+
+    Language-model layer: bytes per token = c_h * hidden + c_f * ffn + c_kv * kv_width + c_0, from
+    three widths at two lengths (the length-independent part of the backward peak is the largest
+    weight gradient, ffn * hidden * 2 bytes, in full training). Vision layer: bytes per patch, plus
+    bytes per attention score (slices * heads * patches^2) for eager attention, plus the largest
+    weight gradient (fc1) in full training. Resampler: bytes per (patch x LLM width) per slice.
+    Logits: copies of the fp32 [positions, vocab] logits live at the peak.
+    """
+    out: dict = {}
+    lengths = sorted({int(k.rsplit("_T", 1)[1]) for k in results if k.startswith("llm_4096")})
+    t1, t2 = lengths[0], lengths[-1]
+
+    def per_token(key: str, field: str) -> float:
+        a, b = results[f"{key}_T{t1}"][field], results[f"{key}_T{t2}"][field]
+        return (b - a) / (t2 - t1)
+
+    for mode in ("full", "frozen"):
+        for field in ("saved", "peak"):
+            base = per_token(f"llm_4096_14336_kv1024_{mode}", field)
+            c_f = (base - per_token(f"llm_4096_7168_kv1024_{mode}", field)) / 7168
+            c_kv = (per_token(f"llm_4096_14336_kv4096_{mode}", field) - base) / 3072
+            rest = base - c_f * 14336 - c_kv * 1024
+            c_h = round(rest / 4096)
+            out[f"llm_{mode}_{field}"] = {"h": c_h, "ffn": round(c_f, 3), "kv": round(c_kv, 3),
+                                         "const": round(rest - c_h * 4096, 1)}
+        a = results[f"llm_4096_14336_kv1024_{mode}_T{t1}"]["peak"]
+        out[f"llm_{mode}_peak_intercept"] = a - per_token(f"llm_4096_14336_kv1024_{mode}", "peak") * t1
+    for field in ("saved", "peak"):
+        extra = per_token("llm_4096_14336_kv1024_lora", field) - per_token("llm_4096_14336_kv1024_frozen", field)
+        out[f"llm_lora_extra_{field}_per_token"] = extra  # four LoRA modules on 4096-wide inputs, r=64
+    fc1_grad = 4304 * 1152 * 2
+    for attn in ("sdpa", "eager"):
+        for mode in ("full", "frozen", "no_grad"):
+            for field in ("saved", "peak"):
+                big = results[f"vision_{attn}_{mode}_S2_L1024"][field]
+                small = results[f"vision_{attn}_{mode}_S2_L256"][field]
+                if field == "peak" and mode == "full":
+                    big, small = big - fc1_grad, small - fc1_grad
+                # big = 2048 a + 2*16*1024^2 q ; small = 512 a + 2*16*256^2 q (q = 0 for sdpa)
+                if attn == "sdpa":
+                    q, a = 0.0, big / 2048
+                else:
+                    q = (big - 4 * small) / (2 * 16 * 1024**2 - 4 * 2 * 16 * 256**2)
+                    a = (big - q * 2 * 16 * 1024**2) / 2048
+                out[f"vision_{attn}_{mode}_{field}"] = {"per_patch": round(a, 1), "per_score": round(q, 3)}
+    for mode in ("full", "no_grad"):
+        r = results[f"resampler_4096_q96_{mode}_S2_L1024"]
+        in_proj_grad = 3 * 4096 * 4096 * 2 if mode == "full" else 0
+        out[f"resampler_{mode}"] = {
+            "saved_per_patch_width": round(r["saved"] / (2 * 1024 * 4096), 3),
+            "peak_per_patch_width": round((r["peak"] - in_proj_grad) / (2 * 1024 * 4096), 3),
+        }
+    sel = results["logits_selective_T1024_n256_V128256"]
+    full = results["logits_full_T256_V128256"]
+    out["logits_selective_copies"] = round(sel["peak"] / (255 * 128256 * 4), 3)
+    out["logits_full_copies"] = round(full["peak"] / (256 * 128256 * 4), 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.memory.measure", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter sequences (a smoke run)")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--derive", default=None, metavar="REPORT", help="only derive coefficients from a saved report")
     args = parser.parse_args(argv)
+    if args.derive:
+        with open(args.derive) as f:
+            print(json.dumps(derive(json.load(f)["results"]), indent=2))
+        return 0
     report = run_all(quick=args.quick)
+    report["derived"] = derive(report["results"])
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

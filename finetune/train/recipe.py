@@ -21,6 +21,7 @@ from ..data.check import DataReport, check_data
 from ..data.collator import LengthGroupedSampler
 from ..data.dataset import ConversationDataset, DataSettings, SampleEncoder, load_sample_encoder
 from ..data.errors import DataErrors
+from ..memory.profile import MemoryProfileCallback, predict_run
 from ..models.config import detect_family
 from ..models.loading import load_model, read_config
 from .args import check_llm_type, parse_args
@@ -100,6 +101,7 @@ def train(argv: list[str]) -> Path:
     model_dir = model_args.model_name_or_path
     family = detect_family(read_config(model_dir))
     check_llm_type(model_args.llm_type, family)
+    prediction = predict_run(model_args, data_args, tuning_args, training_args)
     _wandb_offline_without_credentials(training_args)
 
     query_num = read_config(model_dir).get("query_num", 0)  # 2.x only
@@ -140,7 +142,7 @@ def train(argv: list[str]) -> Path:
         eval_dataset=eval_dataset,
         data_collator=encoder.collator(),
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback(), NonFiniteCallback(), CheckpointMarker()],
+        callbacks=[ThroughputCallback(), NonFiniteCallback(), CheckpointMarker(), MemoryProfileCallback(prediction)],
     )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
