@@ -88,6 +88,10 @@ class TuningArguments:
 class FinetuneTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with defaults for this model family."""
 
+    # One sample per GPU step (raise gradient_accumulation_steps for larger batches): a sample can
+    # carry ten image slices and 2048 tokens.
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per GPU per step."})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Samples per GPU per eval step."})
     # The batch carries pixel_values, tgt_sizes and image_bound, which the Trainer must not drop.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key."})
     train_sampling_strategy: str = field(
