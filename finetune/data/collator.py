@@ -9,6 +9,20 @@ from .images import to_patch_strips
 from .templates import IGNORE_INDEX
 
 
+def pad_text(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads `input_ids` and `labels` of the samples: input_ids, attention_mask, labels [B, T]."""
+    batch, longest = len(samples), max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(batch, longest, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        length = len(sample["input_ids"])
+        input_ids[row, :length] = torch.as_tensor(sample["input_ids"])
+        labels[row, :length] = torch.as_tensor(sample["labels"])
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 class MiniCPMVCollator:
     """Pads text and packs every slice of the batch into one pixel tensor.
 
@@ -29,28 +43,19 @@ class MiniCPMVCollator:
         self.patch_size = patch_size
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        batch, longest = len(samples), max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(batch, longest, dtype=torch.long)
-        position_ids = torch.zeros(batch, longest, dtype=torch.long)
+        text = pad_text(samples, self.pad_token_id)
+        # arange per sample, 0 on padding
+        position_ids = (text["attention_mask"].cumsum(1) - 1).clamp(min=0) * text["attention_mask"]
         bounds, slices, counts = [], [], []
         for row, sample in enumerate(samples):
-            length = len(sample["input_ids"])
-            input_ids[row, :length] = torch.as_tensor(sample["input_ids"])
-            labels[row, :length] = torch.as_tensor(sample["labels"])
-            attention_mask[row, :length] = 1
-            position_ids[row, :length] = torch.arange(length)
             starts = torch.as_tensor(sample["image_spans"], dtype=torch.long).reshape(-1)
             bounds.append(torch.stack([torch.full_like(starts, row), starts, starts + self.query_num], dim=1))
             slices.extend(sample["slices"])
             counts.append(len(sample["slices"]))
         pixel_values, tgt_sizes = to_patch_strips(slices, self.patch_size)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **text,
             "position_ids": position_ids,
-            "labels": labels,
             "pixel_values": pixel_values,
             "tgt_sizes": tgt_sizes,
             "image_bound": torch.cat(bounds).reshape(-1, 3),
@@ -86,4 +91,4 @@ class LengthGroupedSampler(Sampler[int]):
             yield from sorted(window, key=lambda index: -self.lengths[index])
 
 
-__all__ = ["LengthGroupedSampler", "MiniCPMVCollator"]
+__all__ = ["LengthGroupedSampler", "MiniCPMVCollator", "pad_text"]

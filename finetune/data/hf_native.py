@@ -21,8 +21,9 @@ from PIL import Image
 
 from ..models.config import NativeFamily
 from ..models.tokenizer import MissingSpecialTokenError, SpecialTokens
+from .collator import pad_text
 from .dataset import DataSettings
-from .templates import IGNORE_INDEX, ChatEncoder, Encoded
+from .templates import ChatEncoder, Encoded
 
 # End-of-turn token -> the ChatEncoder rules of that chat format; stop tokens of the format.
 _CHAT_FORMATS = {
@@ -222,16 +223,7 @@ class NativeCollator:
         self.family = family
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        batch, longest = len(samples), max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(batch, longest, dtype=torch.long)
-        for row, sample in enumerate(samples):
-            length = len(sample["input_ids"])
-            input_ids[row, :length] = sample["input_ids"]
-            labels[row, :length] = sample["labels"]
-            attention_mask[row, :length] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out = pad_text(samples, self.pad_token_id)
         with_images = [s for s in samples if "pixel_values" in s]
         if with_images and self.family == "llava":
             out["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
