@@ -44,7 +44,7 @@ from .data.images import ImageError, open_image
 from .models.config import FAMILIES, UnsupportedModelError, detect_family
 from .models.loading import CheckpointError, load_model, read_config
 from .models.minicpmv import MiniCPMV
-from .models.tokenizer import load_tokenizer, special_token_ids
+from .models.tokenizer import SpecialTokens, load_tokenizer, special_token_ids
 
 ImageInput = Image.Image | str | os.PathLike | dict
 DEFAULT_MAX_SLICE_NUMS = 9  # the training default (DataArguments.max_slice_nums)
@@ -118,6 +118,42 @@ def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- Chat
+
+
+@torch.inference_mode()
+def generate_ids(model, collator, tokens: SpecialTokens, prompts: list[dict], *, max_new_tokens: int = 512,
+                 do_sample: bool = False, use_cache: bool = True, **sampling) -> list[list[int]]:
+    """New token ids per prompt (`SampleEncoder.encode_prompt` output), cut before the first stop token.
+
+    `model` is a MiniCPMV (or a peft model around one) in eval mode; the training recipe's
+    sample-generation callback passes the model being trained.
+    """
+    batch = left_padded(collator(prompts))
+    inputs = {key: value.to(model.device) for key, value in batch.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if do_sample:
+        options = {key: sampling[key] for key in ("temperature", "top_p", "top_k") if key in sampling}
+    else:
+        # Unset explicitly: a checkpoint's generation_config.json may set them, and transformers
+        # warns that they are ignored.
+        options = {"temperature": None, "top_p": None, "top_k": None}
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        repetition_penalty=sampling.get("repetition_penalty", 1.0),
+        eos_token_id=list(tokens.stop_ids),
+        pad_token_id=tokens.pad,
+        use_cache=use_cache,
+        **options,
+    )
+    stops = set(tokens.stop_ids)
+    answers = []
+    for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        answers.append(row[:end])
+    return answers
 
 
 class Chat:
@@ -216,36 +252,11 @@ class Chat:
             use_cache=use_cache,
         )]
 
-    @torch.inference_mode()
     def generate_ids(self, prompts: list[dict], *, max_new_tokens: int = 512, do_sample: bool = False,
                      use_cache: bool = True, **sampling) -> list[list[int]]:
         """New token ids per prompt (from `prompt`), cut before the first stop token."""
-        batch = left_padded(self.collator(prompts))
-        inputs = {key: value.to(self.device) for key, value in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        if do_sample:
-            options = {key: sampling[key] for key in ("temperature", "top_p", "top_k") if key in sampling}
-        else:
-            # Unset explicitly: a checkpoint's generation_config.json may set them, and transformers
-            # warns that they are ignored.
-            options = {"temperature": None, "top_p": None, "top_k": None}
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_beams=1,
-            repetition_penalty=sampling.get("repetition_penalty", 1.0),
-            eos_token_id=list(self.tokens.stop_ids),
-            pad_token_id=self.tokens.pad,
-            use_cache=use_cache,
-            **options,
-        )
-        stops = set(self.tokens.stop_ids)
-        answers = []
-        for row in output[:, batch["input_ids"].shape[1]:].tolist():
-            end = next((i for i, token in enumerate(row) if token in stops), len(row))
-            answers.append(row[:end])
-        return answers
+        return generate_ids(self.model, self.collator, self.tokens, prompts, max_new_tokens=max_new_tokens,
+                            do_sample=do_sample, use_cache=use_cache, **sampling)
 
     def decode(self, ids: list[int]) -> str:
         """The answer's text. Special tokens stay (MiniCPM-V writes `<ref>`, `<box>` in answers);

@@ -28,6 +28,6 @@ TINY_LORA_TARGETS='llm\.(lm_head|model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|
   --output_dir "$OUTPUT_DIR" \
   --max_steps "$MAX_STEPS" --per_device_train_batch_size 2 \
   --learning_rate 5e-3 --lr_scheduler_type constant --warmup_steps 0 \
-  --eval_strategy steps --eval_steps 10 --save_steps 10 --save_total_limit 2 \
+  --eval_strategy steps --eval_steps 10 --eval_generate_samples 2 --save_steps 10 --save_total_limit 2 \
   --max_slice_nums 2 --model_max_length 1024 \
   --dataloader_num_workers 0 --report_to tensorboard "$@"

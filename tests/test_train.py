@@ -168,7 +168,9 @@ def test_single_process_run_logs_to_tensorboard_and_offline_wandb(tiny_model_dir
         [sys.executable, "-m", "finetune", "train", "--model_name_or_path", str(tiny_model_dir("2.6")),
          "--data_path", f"{SAMPLE / 'train.json'},{SAMPLE / 'train_llava.jsonl'}", "--use_lora", "true",
          "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
-         "--report_to", "wandb", "tensorboard", "--save_strategy", "no", "--max_slice_nums", "2"],
+         "--report_to", "wandb", "tensorboard", "--save_strategy", "no", "--max_slice_nums", "2",
+         "--eval_data_path", str(SAMPLE / "eval.json"), "--eval_strategy", "steps", "--eval_steps", "2",
+         "--eval_generate_samples", "2"],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -179,3 +181,9 @@ def test_single_process_run_logs_to_tensorboard_and_offline_wandb(tiny_model_dir
     assert record["arguments"]["data"]["data_path"].endswith("train_llava.jsonl")
     assert set(record["versions"]) >= {"torch", "transformers", "peft", "deepspeed"}
     assert (out / "adapter_model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+    generations = [json.loads(line) for line in (out / "eval_generations.jsonl").read_text().splitlines()]
+    assert [(g["step"], g["id"]) for g in generations] == [(2, "eval-cat"), (2, "eval-rocket")]
+    assert all(isinstance(g["prediction"], str) and g["reference"] for g in generations)
+    profile = json.loads((out / "memory_profile.json").read_text())
+    assert profile["prediction"]["per_gpu_peak_gib"] > 0
+    assert profile["measured"]["end"][0]["peak_rss_gib"] > 0

@@ -55,6 +55,11 @@ class DataArguments:
         default="turns",
         metadata={"help": "Over-long samples: drop whole exchanges from the end (turns) or refuse them."},
     )
+    eval_generate_samples: int = field(
+        default=0,
+        metadata={"help": "At each evaluation, answer the first N held-out conversations and append them "
+                  "to <output_dir>/eval_generations.jsonl (MiniCPM-V 2.x families)."},
+    )
     skip_invalid_samples: bool = field(
         default=False,
         metadata={"help": "Train without the samples validation refuses, listing them in "

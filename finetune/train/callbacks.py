@@ -68,4 +68,38 @@ def _version(package: str) -> str | None:
         return None
 
 
-__all__ = ["NonFiniteCallback", "ThroughputCallback", "write_run_record"]
+class SampleGenerationCallback(TrainerCallback):
+    """At every evaluation, answers the first few held-out conversations with the model being trained
+    and appends them to <output_dir>/eval_generations.jsonl (step, id, prediction, reference).
+
+    Every rank generates (under ZeRO-3 each forward needs all ranks); rank 0 writes.
+    """
+
+    def __init__(self, records: list[dict], encoder, collator, max_new_tokens: int = 64) -> None:
+        from ..evaluate import split_reference
+
+        self.examples = [split_reference(record) for record in records]
+        self.records = records
+        self.encoder = encoder
+        self.collator = collator
+        self.max_new_tokens = max_new_tokens
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        from ..data.images import open_image
+        from ..generate import generate_ids
+
+        prompts = [self.encoder.encode_prompt(prompt, [open_image(i["path"]) for i in prompt["images"]])
+                   for prompt, _ in self.examples]
+        was_training = model.training
+        model.eval()
+        answers = generate_ids(model, self.collator, self.encoder.tokens, prompts,
+                               max_new_tokens=self.max_new_tokens)
+        model.train(was_training)
+        if state.is_world_process_zero:
+            with open(Path(args.output_dir) / "eval_generations.jsonl", "a") as out:
+                for record, (_, reference), ids in zip(self.records, self.examples, answers):
+                    text = self.encoder.tokenizer.decode(ids, skip_special_tokens=False).strip()
+                    out.write(json.dumps({"step": state.global_step, "id": record["id"],
+                                          "prediction": text, "reference": reference}) + "\n")
+
+__all__ = ["NonFiniteCallback", "SampleGenerationCallback", "ThroughputCallback", "write_run_record"]

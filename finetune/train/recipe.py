@@ -24,8 +24,8 @@ from ..data.errors import DataErrors
 from ..memory.profile import MemoryProfileCallback, predict_run
 from ..models.config import detect_family
 from ..models.loading import load_model, read_config
-from .args import check_llm_type, parse_args
-from .callbacks import NonFiniteCallback, ThroughputCallback, write_run_record
+from .args import ConfigError, check_llm_type, parse_args
+from .callbacks import NonFiniteCallback, SampleGenerationCallback, ThroughputCallback, write_run_record
 from .checkpoints import CheckpointMarker, resolve_resume
 from .distributed import init_deepspeed_comm
 from .trainable import apply_tuning, trainable_summary
@@ -135,6 +135,13 @@ def train(argv: list[str]) -> Path:
             "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
             "tuning": dataclasses.asdict(tuning_args), "training": training_args.to_dict(), "family": family,
         })
+    callbacks = [ThroughputCallback(), NonFiniteCallback(), CheckpointMarker(), MemoryProfileCallback(prediction)]
+    if data_args.eval_generate_samples and eval_dataset is not None:
+        if not hasattr(encoder, "encode_prompt"):
+            raise ConfigError(f"--eval_generate_samples runs on MiniCPM-V 2.x models, not on family {family}")
+        count = min(data_args.eval_generate_samples, len(eval_dataset))
+        records = [eval_dataset.records[i] for i in range(count)]
+        callbacks.append(SampleGenerationCallback(records, encoder, encoder.collator()))
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
@@ -142,7 +149,7 @@ def train(argv: list[str]) -> Path:
         eval_dataset=eval_dataset,
         data_collator=encoder.collator(),
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback(), NonFiniteCallback(), CheckpointMarker(), MemoryProfileCallback(prediction)],
+        callbacks=callbacks,
     )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
