@@ -210,7 +210,7 @@ def test_unusable_images_are_reported(capsys, tiny_model_dir, tmp_path):
         "garbage.jpg": "not an image PIL can read",
         "empty.jpg": "image file is empty",
         "truncated.jpg": "corrupt or truncated",
-        "folder.jpg": "not a file",
+        "folder.jpg": "image path is a directory",
     }
     samples = [
         {"id": name, "image": f"images/{name}",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from finetune.data.collator import LengthGroupedSampler, MiniCPMVCollator
 from finetune.data.dataset import DataSettings, SampleEncoder
@@ -156,6 +157,17 @@ def test_collated_batch_trains_the_tiny_model(tiny_model_dir, name):
     for part, module in [("vpm", model.vpm), ("resampler", model.resampler), ("llm", model.llm)]:
         grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0, part
+
+
+def test_batches_from_dataloader_workers_are_identical(family):
+    """In a worker the collator builds pixel_values in shared memory; the batch must not change."""
+    samples = family.samples(CASES[:3])
+    expected = family.collator(samples)
+    loader = DataLoader(samples, batch_size=len(samples), collate_fn=family.collator, num_workers=1)
+    (batch,) = list(loader)
+    assert batch["pixel_values"].is_shared()
+    for key in CONTRACT_KEYS:
+        assert torch.equal(batch[key], expected[key]), key
 
 
 # ------------------------------------------------------------------------------------- sampler

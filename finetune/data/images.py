@@ -14,12 +14,14 @@ height and width in patches.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.slicing import SlicePlan, plan_slices
@@ -88,7 +90,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise _too_large(path, image.width, image.height)
             image.load()
-            return image.convert("RGB")
+            # convert() copies even when the mode is already RGB; the loaded pixels stay
+            # valid after the file is closed, so an RGB image is returned as it is.
+            return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as error:
         raise ImageError(
             f"image is too large to decode safely: {path} ({error})",
@@ -140,7 +144,10 @@ def slice_image(image: Image.Image, plan: SlicePlan) -> list[Image.Image]:
     slices = [image.resize(plan.source_size, resample=Image.Resampling.BICUBIC)]
     if plan.grid is None:
         return slices
-    refined = image.resize(plan.refine_size, resample=Image.Resampling.BICUBIC)
+    # PIL's resize to the image's own size returns a copy; crop copies anyway, so skip it.
+    refined = image
+    if plan.refine_size != image.size:
+        refined = image.resize(plan.refine_size, resample=Image.Resampling.BICUBIC)
     (cols, rows), (cell_w, cell_h) = plan.grid, plan.slice_sizes[0]
     for row in range(rows):
         for col in range(cols):
@@ -224,13 +231,16 @@ def to_patch_strips(
     tensors = [image_to_tensor(s) if isinstance(s, Image.Image) else s for s in slices]
     grids = [_patch_grid(t, patch_size, index) for index, t in enumerate(tensors)]
     longest = max((h * w for h, w in grids), default=0)
-    pixel_values = torch.zeros(len(tensors), 3, patch_size, longest * patch_size, dtype=torch.float32)
+    # Uninitialised (in shared memory inside a DataLoader worker): every element is written
+    # below, the strips by the copy and the padding by fill_.
+    pixel_values = _empty_batch((len(tensors), 3, patch_size, longest * patch_size))
     for slot, tensor, (h, w) in zip(pixel_values, tensors, grids):
         # Write straight into the padded batch: view the slot's strip as
         # [3, P(row in patch), h, w, P(col in patch)] and copy the image's
         # [3, h, P, w, P] into it with the two middle axes swapped. No per-patch loop.
         strip = slot[:, :, : h * w * patch_size].view(3, patch_size, h, w, patch_size)
         strip.copy_(tensor.view(3, h, patch_size, w, patch_size).permute(0, 2, 1, 3, 4))
+        slot[:, :, h * w * patch_size :].fill_(0)
     return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(len(grids), 2)
 
 
@@ -256,6 +266,20 @@ def strip_to_image(
         raise ValueError(f"strip of shape {tuple(strip.shape)} cannot hold {h}x{w} patches of {p}x{p}")
     patches = strip[:, :, : h * w * p].reshape(3, p, h, w, p)
     return patches.permute(0, 2, 1, 3, 4).reshape(3, h * p, w * p)
+
+
+def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; in shared memory when built in a DataLoader worker.
+
+    A worker sends its batch to the main process through shared memory, copying every tensor
+    that is not there yet; allocating the pixels there (as torch's default_collate does) skips
+    that copy, the largest of the batch.
+    """
+    numel = math.prod(shape)
+    if numel and torch.utils.data.get_worker_info() is not None:
+        prototype = torch.empty(0, dtype=torch.float32)
+        return prototype.new(prototype._typed_storage()._new_shared(numel)).view(shape)
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def _patch_grid(tensor: torch.Tensor, patch_size: int, index: int) -> tuple[int, int]:
