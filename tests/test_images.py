@@ -22,7 +22,6 @@ from finetune.data.images import (
     open_image,
     preprocess_image,
     slice_image,
-    strip_to_image,
     to_patch_strips,
 )
 from finetune.data.slicing import plan_slices
@@ -84,15 +83,6 @@ def test_padded_tail_is_zero():
     assert torch.all(pixel_values[0] == -1)
     assert torch.all(pixel_values[1, :, :, : 2 * P] == -1)
     assert torch.all(pixel_values[1, :, :, 2 * P :] == 0)
-
-
-def test_strip_to_image_inverts_strips():
-    slices = [torch.randn(3, 4 * P, 2 * P), torch.randn(3, P, 3 * P)]
-    pixel_values, tgt_sizes = to_patch_strips(slices)
-    for strip, image, tgt_size in zip(pixel_values, slices, tgt_sizes):
-        assert torch.equal(strip_to_image(strip, tgt_size), image)
-    with pytest.raises(ValueError, match="cannot hold"):
-        strip_to_image(pixel_values[1], (4, 4))
 
 
 def test_patch_conv_on_strip_equals_conv_on_image():

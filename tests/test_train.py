@@ -77,7 +77,8 @@ def _mean(values) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "mode"),
-    [("2.0", "lora-zero2"), ("2.5", "lora-zero2"), ("2.6", "lora-zero2"), ("2.0", "full-zero3"), ("2.6", "full-zero3")],
+    [("2.0", "lora-zero2"), ("2.5", "lora-zero2"), ("2.6", "lora-zero2"),
+     ("2.0", "full-zero3"), ("2.5", "full-zero3"), ("2.6", "full-zero3")],
 )
 def test_training_learns_the_sample_set(family, mode, tiny_model_dir, tmp_path):
     steps = 16

@@ -244,30 +244,6 @@ def to_patch_strips(
     return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(len(grids), 2)
 
 
-def strip_to_image(
-    strip: torch.Tensor, tgt_size: Sequence[int] | torch.Tensor, patch_size: int = 14
-) -> torch.Tensor:
-    """Invert `to_patch_strips` for one slice (MiniCPM-V 2.0 encodes plain images).
-
-    Args:
-        strip: [3, P, N*P] with N >= h*w; a zero-padded tail is ignored.
-        tgt_size: (h, w) in patches, e.g. a row of `tgt_sizes`.
-        patch_size: P.
-
-    Returns:
-        [3, h*P, w*P], same dtype and device as `strip`.
-
-    Raises:
-        ValueError: if the strip is too short or not [3, P, *].
-    """
-    h, w = (int(v) for v in tgt_size)
-    p = patch_size
-    if strip.dim() != 3 or strip.shape[0] != 3 or strip.shape[1] != p or strip.shape[2] < h * w * p:
-        raise ValueError(f"strip of shape {tuple(strip.shape)} cannot hold {h}x{w} patches of {p}x{p}")
-    patches = strip[:, :, : h * w * p].reshape(3, p, h, w, p)
-    return patches.permute(0, 2, 1, 3, 4).reshape(3, h * p, w * p)
-
-
 def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised float32 tensor; in shared memory when built in a DataLoader worker.
 
@@ -304,6 +280,5 @@ __all__ = [
     "open_image",
     "preprocess_image",
     "slice_image",
-    "strip_to_image",
     "to_patch_strips",
 ]
