@@ -99,21 +99,23 @@ def train(argv: list[str]) -> Path:
     if training_args.deepspeed:
         init_deepspeed_comm()  # ZeRO-3's zero.Init inside from_pretrained asks it for the world size
     model_dir = model_args.model_name_or_path
-    family = detect_family(read_config(model_dir))
+    config = read_config(model_dir)
+    family = detect_family(config)
     check_llm_type(model_args.llm_type, family)
     prediction = predict_run(model_args, data_args, tuning_args, training_args)
     _wandb_offline_without_credentials(training_args)
 
-    query_num = read_config(model_dir).get("query_num", 0)  # 2.x only
     settings = DataSettings(
         family=family,
-        query_num=query_num,
+        query_num=config.get("query_num", 0),  # 2.x only
         max_slice_nums=data_args.max_slice_nums,
         model_max_length=data_args.model_max_length,
         truncate=data_args.truncation == "turns",
     )
     encoder = load_sample_encoder(model_dir, settings)
     tokenizer, tokens = encoder.tokenizer, encoder.tokens
+    if data_args.eval_generate_samples and not hasattr(encoder, "encode_prompt"):
+        raise ConfigError(f"--eval_generate_samples runs on MiniCPM-V 2.x models, not on family {family}")
     train_dataset = _validated_dataset(data_args.data_path, encoder, data_args, training_args, "train")
     eval_dataset = None
     if data_args.eval_data_path:
@@ -137,8 +139,6 @@ def train(argv: list[str]) -> Path:
         })
     callbacks = [ThroughputCallback(), NonFiniteCallback(), CheckpointMarker(), MemoryProfileCallback(prediction)]
     if data_args.eval_generate_samples and eval_dataset is not None:
-        if not hasattr(encoder, "encode_prompt"):
-            raise ConfigError(f"--eval_generate_samples runs on MiniCPM-V 2.x models, not on family {family}")
         count = min(data_args.eval_generate_samples, len(eval_dataset))
         records = [eval_dataset.records[i] for i in range(count)]
         callbacks.append(SampleGenerationCallback(records, encoder, encoder.collator()))
