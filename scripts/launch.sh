@@ -24,13 +24,13 @@ LR=${LR:?}
 MAX_LENGTH=${MAX_LENGTH:-2048}
 MAX_SLICE_NUMS=${MAX_SLICE_NUMS:-9}
 TUNE_VISION=${TUNE_VISION:-false}
-TUNE_RESAMPLER=${TUNE_RESAMPLER:-true}
+TUNE_RESAMPLER=${TUNE_RESAMPLER:-}  # empty: the default (full runs train it, LoRA runs do not)
 SAVE_STEPS=${SAVE_STEPS:-500}
 REPORT_TO=${REPORT_TO:-tensorboard}
 
 ARGS=(
   --model_name_or_path "$MODEL" --data_path "$DATA"
-  --tune_vision "$TUNE_VISION" --tune_resampler "$TUNE_RESAMPLER"
+  --tune_vision "$TUNE_VISION"
   --"$PRECISION" true
   --output_dir "$OUTPUT_DIR" --resume_from_checkpoint auto
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
@@ -38,6 +38,7 @@ ARGS=(
   --model_max_length "$MAX_LENGTH" --max_slice_nums "$MAX_SLICE_NUMS"
   --save_steps "$SAVE_STEPS" --save_total_limit 3 --report_to "$REPORT_TO"
 )
+[ -n "$TUNE_RESAMPLER" ] && ARGS+=(--tune_resampler "$TUNE_RESAMPLER")
 [ -n "$EVAL_DATA" ] && ARGS+=(--eval_data_path "$EVAL_DATA" --eval_strategy steps --eval_steps "$SAVE_STEPS")
 if [ "$MEMORY_PROFILE" = auto ]; then
   MEMORY_PROFILE=$(python -m finetune memory --pick-profile --num_gpus $((GPUS_PER_NODE * NNODES)) \

@@ -240,7 +240,10 @@ def test_lora_defaults_target_language_model_attention(family, tiny_dirs):
     else:  # Qwen3.5: a gated-delta-net layer, then a full-attention layer
         assert wrapped == ["layers.0.linear_attn.in_proj_qkv", "layers.0.linear_attn.in_proj_z",
                            "layers.0.linear_attn.out_proj"] + [f"layers.1.self_attn.{p}_proj" for p in "koqv"]
-    # --tune_resampler (on by default) saves the projector / merger whole, and nothing else.
+    # LoRA alone trains the adapters only; --tune_resampler true adds the projector / merger, whole.
+    assert not [name for name, _ in model.named_modules() if ".modules_to_save" in name]
+    model = apply_tuning(load_model(tiny_dirs[family]), TuningArguments(use_lora=True, lora_r=4, tune_resampler=True),
+                         tokens)
     saved = {name.split(".modules_to_save")[0] for name, _ in model.named_modules() if ".modules_to_save" in name}
     assert saved == {"base_model.model." + PART_CASES[family]["resampler"][0].rstrip(".")}
 

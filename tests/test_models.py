@@ -28,7 +28,7 @@ from finetune.models.loading import CheckpointError, build_model, load_model
 from finetune.models.minicpm_llama3_v2_5 import MiniCPMLlama3V25
 from finetune.models.minicpm_v2 import MiniCPMForCausalLM, MiniCPMV2
 from finetune.models.minicpm_v2_6 import MiniCPMV26
-from finetune.models.minicpmv import ImageTextMismatchError
+from finetune.models.minicpmv import LOSS_CHUNKS, ImageTextMismatchError
 from finetune.models.resampler import Resampler, sincos_1d, sincos_2d
 
 P = 14  # patch size
@@ -410,6 +410,75 @@ def test_loss_equals_hand_cross_entropy(family, load_tiny):
         torch.testing.assert_close(loss, total / items, rtol=1e-5, atol=1e-6)
         loss = model(**batch, labels=labels, num_items_in_batch=torch.tensor(items)).loss
         torch.testing.assert_close(loss, total / items, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["2.5"])
+@pytest.mark.parametrize("supervised", [3, None], ids=["fewer-than-chunks", "all"])
+def test_chunked_loss_gradients_equal_full_logits(family, supervised, load_tiny):
+    model, config = load_tiny(family)
+    model.train()
+    batch = make_batch(config, MIXED_SAMPLES)
+    labels = batch.pop("labels")
+    keep = (labels[:, 1:] != -100).nonzero()[:supervised]  # the first `supervised` targets (None: all)
+    supervised = len(keep)
+    labels = torch.full_like(labels, -100)
+    labels[keep[:, 0], keep[:, 1] + 1] = batch["input_ids"][keep[:, 0], keep[:, 1] + 1]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    calls = []
+    handle = model.llm.lm_head.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        loss = model(**batch, labels=labels).loss
+        forward_calls = len(calls)
+        chunked = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        handle.remove()
+    # The same number of lm_head calls on every rank whatever its batch (ZeRO-3 gathers on each), and
+    # each chunk recomputed once in the backward.
+    assert forward_calls == LOSS_CHUNKS and len(calls) == 2 * LOSS_CHUNKS
+    assert sum(calls[:LOSS_CHUNKS]) == supervised and max(calls) == math.ceil(supervised / LOSS_CHUNKS)
+
+    logits = model(**batch).logits[:, :-1].float()
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(chunked, torch.autograd.grad(expected, params, allow_unused=True)):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_resampler_checkpointing_keeps_gradients_and_saves_less(load_tiny):
+    model, config = load_tiny("2.5")
+    model.train()
+    # Reentrant checkpointing asked for, vision frozen: the resampler's input then needs no grad.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.vpm.requires_grad_(False)
+    model.get_input_embeddings().requires_grad_(False)
+    assert model.resampler.gradient_checkpointing
+    batch = make_batch(config, MIXED_SAMPLES)
+    params = list(model.resampler.parameters())
+
+    def run(checkpointed: bool) -> tuple[int, list[torch.Tensor]]:
+        model.resampler.gradient_checkpointing = checkpointed
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**batch).loss
+        model.zero_grad(set_to_none=True)
+        loss.backward()  # reentrant checkpointing refuses autograd.grad
+        return sum(saved), [p.grad for p in params]
+
+    saved_plain, grads_plain = run(False)
+    saved_ckpt, grads_ckpt = run(True)
+    assert saved_ckpt < saved_plain
+    for got, want in zip(grads_ckpt, grads_plain):
+        assert got is not None and got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------------

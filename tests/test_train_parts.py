@@ -41,6 +41,16 @@ def test_config_file_values_are_overridden_by_the_command_line(tmp_path):
     assert tuning.use_lora and tuning.lora_r == 16
 
 
+@pytest.mark.parametrize("flags,trains_resampler", [
+    ([], True), (["--use_lora", "true"], False), (["--use_lora", "true", "--tune_resampler", "true"], True),
+    (["--tune_resampler", "false", "--tune_vision", "true"], False),
+])
+def test_resampler_trains_by_default_only_without_lora(flags, trains_resampler, tmp_path):
+    base = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", str(tmp_path), "--report_to", "none"]
+    _, _, tuning, _ = parse_args([*base, *flags])
+    assert tuning.tune_resampler is trains_resampler
+
+
 def test_unknown_config_keys_are_errors(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"model_name_or_path": "m", "lora_rank": 4}))
@@ -82,7 +92,9 @@ def test_full_parts_are_trained_exactly(tiny_model_dir):
 def test_lora_trains_adapters_resampler_and_new_token_rows(tiny_model_dir):
     directory = tiny_model_dir("2.6")
     tokens = special_token_ids(load_tokenizer(directory))
-    model = apply_tuning(load_model(directory), TuningArguments(use_lora=True, tune_embeddings="new_tokens"), tokens)
+    model = apply_tuning(
+        load_model(directory), TuningArguments(use_lora=True, tune_resampler=True, tune_embeddings="new_tokens"), tokens
+    )
     trained = _trainable(model)
     lora = {name for name in trained if "lora_" in name}
     assert lora and all(".llm." in name and "self_attn" in name for name in lora)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from . import constants as C
 from .estimate import DEFAULT_LORA_TARGETS, estimate
+from .zero import ZeroSettings
 
 # config.json of openbmb/MiniCPM-Llama3-V-2_5 (spec [V25]), the fields that shape the model; kept
 # here so the calibration needs no download.
@@ -47,6 +48,16 @@ REFERENCE_LORA = {"use_lora": True, "tune_vision": True, "tune_embeddings": "ful
 REFERENCE_FULL = {"tune_llm": True, "tune_vision": True, "tune_embeddings": "full"}
 
 
+# The reference's DeepSpeed configs as measured: ds_config_zero2.json with 2e8-element reduce and
+# all-gather buckets (this toolkit's zero2.json has smaller ones); its ZeRO-3 offload config is
+# ds_configs/zero3_offload.json's.
+REFERENCE_PROFILES = {
+    "zero2": ZeroSettings(stage=2, overlap_comm=True, reduce_bucket_size=2e8, allgather_bucket_size=2e8,
+                          name="reference ds_config_zero2"),
+    "zero3_offload": "zero3_offload",
+}
+
+
 @dataclass(frozen=True)
 class Point:
     profile: str
@@ -70,7 +81,7 @@ def predict(point: Point, model=REFERENCE_MODEL, **overrides):
     kwargs = dict(
         num_gpus=point.num_gpus, gpu_memory_gib=A100_GIB,
         tuning=REFERENCE_LORA if point.method == "lora" else REFERENCE_FULL,
-        model_max_length=2048, max_slice_nums=9, batch_size=1, dtype="bf16", zero=point.profile,
+        model_max_length=2048, max_slice_nums=9, batch_size=1, dtype="bf16", zero=REFERENCE_PROFILES[point.profile],
         gradient_checkpointing=True, recipe="reference",
     )
     kwargs.update(overrides)

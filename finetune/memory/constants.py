@@ -107,11 +107,15 @@ RESAMPLER = {
 
 # -- logits and loss [measured] --------------------------------------------------------------------
 # Copies of the fp32 [positions, vocab] logits alive at the loss's peak: the saved log-softmax,
-# its gradient and the gradient of the logits (the forward peaks at two). Both paths measure 3.0
-# (3.012 and 3.000):
-# this toolkit's `next_token_loss` over supervised positions, and the reference recipe's
-# `lm_head(hidden).float()` + CrossEntropyLoss over every position.
+# its gradient and the gradient of the logits (the forward peaks at two). The reference recipe's
+# `lm_head(hidden).float()` + CrossEntropyLoss over every position measures 3.0.
 LOGITS_COPIES = 3.0
+# This toolkit's `next_token_loss` computes the supervised positions' logits in LOSS_CHUNKS chunks,
+# each recomputed in its backward [code: finetune/models/minicpmv.py LOSS_CHUNKS], so only the
+# largest chunk's exist at a time. Per chunk position it measures 3.24 copies (the bf16 logits and
+# their gradient come on top), from the difference between 1024 and 512 supervised positions.
+LOSS_CHUNKS = 8
+CHUNK_LOGITS_COPIES = 3.24
 # Fraction of a sample's text tokens (image placeholders excluded) that carry labels, for the
 # selective logits of this toolkit. Chat SFT data supervises the answers; this assumes half the
 # text is answer. All-answer data (captions, OCR transcripts) doubles the logits term. [assumption]

@@ -48,12 +48,16 @@ class Tuning:
 
     tune_llm: bool = False
     tune_vision: bool = False
-    tune_resampler: bool = True
+    tune_resampler: bool | None = None  # None: not with LoRA, yes otherwise (as TuningArguments)
     tune_embeddings: Literal["none", "new_tokens", "full"] = "none"
     use_lora: bool = False
     lora_r: int = 64
     lora_target_modules: str = DEFAULT_LORA_TARGETS
     lora_on_vision: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tune_resampler is None:
+            object.__setattr__(self, "tune_resampler", not self.use_lora)
 
     @classmethod
     def from_any(cls, tuning: Any) -> Tuning:
@@ -314,9 +318,13 @@ def estimate(
     # -- transients of the step's phases (allocated bytes) --------------------------------------
     ckpt = _Checkpointing(gradient_checkpointing, max(1, checkpoint_every_n_layers), checkpoint_offload)
     act = _activations(counts, plan, seq, batch_size, act_scale, bpe, ckpt)
-    vis = _vision(counts, plan, slices * batch_size, patches, act_scale, bpe, ckpt, vision_attention)
-    positions = batch_size * (supervised if logits == "selective" else seq)
-    logits_peak = C.LOGITS_COPIES * positions * counts.vocab_size * 4
+    # The reference recipe's resampler (trained in its full fine-tuning) was not checkpointed.
+    vis = _vision(counts, plan, slices * batch_size, patches, act_scale, bpe, ckpt, vision_attention,
+                  checkpoint_resampler=gradient_checkpointing and recipe == "finetune")
+    if logits == "selective":
+        logits_peak = C.CHUNK_LOGITS_COPIES * math.ceil(batch_size * supervised / C.LOSS_CHUNKS) * counts.vocab_size * 4
+    else:
+        logits_peak = C.LOGITS_COPIES * batch_size * seq * counts.vocab_size * 4
     lm_head_grad = counts.parts["lm_head"] * bpe if "lm_head" in plan.trainable_parts else 0
     embed_trained = "embed_tokens" in plan.trainable_parts
     embed_grad = counts.parts["embed_tokens"] * bpe if embed_trained else 0
@@ -482,7 +490,7 @@ def _activations(counts: ModelCounts, plan: TrainPlan, seq: int, batch: int, sca
 
 
 def _vision(counts: ModelCounts, plan: TrainPlan, slices: int, patches: int, scale: float, bpe: int,
-            ckpt: _Checkpointing, attention: str) -> dict[str, float]:
+            ckpt: _Checkpointing, attention: str, checkpoint_resampler: bool) -> dict[str, float]:
     """Vision encoder and resampler over every slice of the batch."""
     width = counts.vision_hidden_size / C.VISION_MEASURED_WIDTH
     tokens = slices * patches
@@ -495,15 +503,16 @@ def _vision(counts: ModelCounts, plan: TrainPlan, slices: int, patches: int, sca
 
     d = counts.hidden_size
     resampler_tokens = tokens * d
+    features = tokens * counts.vision_hidden_size * bpe
     if plan.resampler_mode == "full":
-        r_saved = resampler_tokens * C.RESAMPLER[("full", "saved")] * scale
+        # Checkpointed (models/resampler.py): only its input waits for the backward, which recomputes.
+        r_saved = features if checkpoint_resampler else resampler_tokens * C.RESAMPLER[("full", "saved")] * scale
         r_peak = resampler_tokens * C.RESAMPLER[("full", "peak")] * scale
         if "resampler" in plan.trainable_parts:
             r_peak += counts.largest["resampler"] * bpe
     else:
         r_saved = 0.0
         r_peak = resampler_tokens * C.RESAMPLER[("no_grad", "peak")] * scale
-    features = tokens * counts.vision_hidden_size * bpe
     if plan.vision_mode == "no_grad":
         return {"stored": 0.0, "forward": layer("no_grad", "peak") + features, "layer": 0.0,
                 "resampler_saved": r_saved, "resampler_peak": r_peak + features}

@@ -35,6 +35,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from . import constants as C
+
 BF16 = torch.bfloat16
 
 
@@ -208,11 +210,11 @@ def resampler(slices: int, patches: int, hidden: int, queries: int, mode: str) -
 def logits_and_loss(tokens: int, hidden: int, vocab: int, mode: str, supervised: int | None = None) -> dict[str, int]:
     """lm_head + cross-entropy, forward and backward, lm_head frozen (its gradient is counted apart).
 
-    mode "selective": this toolkit's `MiniCPMV.next_token_loss` (fp32 logits at supervised
-    positions only). mode "full": the reference recipe (transformers' LlamaForCausalLM computes
+    mode "selective": this toolkit's `next_token_loss` (fp32 logits at supervised positions, one
+    chunk at a time). mode "full": the reference recipe (transformers' LlamaForCausalLM computes
     `lm_head(hidden).float()` at every position; the reference trainer's CrossEntropyLoss follows).
     """
-    import torch.nn.functional as F
+    from finetune.models.minicpmv import next_token_loss
 
     head = nn.Linear(hidden, vocab, bias=False).to(BF16)
     head.requires_grad_(False)
@@ -223,10 +225,7 @@ def logits_and_loss(tokens: int, hidden: int, vocab: int, mode: str, supervised:
 
     def loss_fn() -> torch.Tensor:
         if mode == "selective":
-            targets = labels[:, 1:]
-            keep = targets != -100
-            logits = head(h[:, :-1][keep]).float()
-            return F.cross_entropy(logits, targets[keep], reduction="sum") / keep.sum()
+            return next_token_loss(head, h, labels)
         logits = head(h).float()
         return nn.CrossEntropyLoss()(logits.view(-1, vocab), labels.view(-1))
 
@@ -268,8 +267,11 @@ def run_all(quick: bool = False) -> dict:
             for mode in ("full", "frozen", "no_grad"):
                 record(f"vision_{attn}_{mode}_S2_L{patches}",
                        lambda a=attn, p=patches, m=mode: vision_layer(2, p, a, m))
-    record("logits_selective_T1024_n256_V128256",
-           lambda: logits_and_loss(1024, 4096, 128256, "selective", supervised=256))
+    # Two supervised counts: their difference is the chunk's logits alone (the hidden states' gradient
+    # and the gathered positions, there in both, cancel).
+    for n in (512, 1024):
+        record(f"logits_selective_T2048_n{n}_V128256",
+               lambda n=n: logits_and_loss(2048, 4096, 128256, "selective", supervised=n))
     record("logits_full_T256_V128256", lambda: logits_and_loss(256, 4096, 128256, "full"))
     # Last: on some CPUs oneDNN refuses the resampler's strided bf16 matmul and torch falls back to a
     # slow kernel for the rest of the process (the byte counts are unaffected).
@@ -332,9 +334,10 @@ def derive(results: dict) -> dict:
             "saved_per_patch_width": round(r["saved"] / (2 * 1024 * 4096), 3),
             "peak_per_patch_width": round((r["peak"] - in_proj_grad) / (2 * 1024 * 4096), 3),
         }
-    sel = results["logits_selective_T1024_n256_V128256"]
+    small, big = (results[f"logits_selective_T2048_n{n}_V128256"]["peak"] for n in (512, 1024))
+    rows = (1024 - 512) / C.LOSS_CHUNKS  # the largest chunk grows by this many positions
     full = results["logits_full_T256_V128256"]
-    out["logits_selective_copies"] = round(sel["peak"] / (255 * 128256 * 4), 3)
+    out["logits_selective_copies"] = round((big - small) / (rows * 128256 * 4), 3)
     out["logits_full_copies"] = round(full["peak"] / (256 * 128256 * 4), 3)
     return out
 

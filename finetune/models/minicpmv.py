@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -23,6 +24,11 @@ from .resampler import Resampler
 IGNORE_INDEX = -100
 # The resampler's attention heads are 128 wide in every released model (spec §1.3).
 RESAMPLER_HEAD_DIM = 128
+# The loss splits the supervised positions into this many chunks and recomputes each chunk's logits
+# in the backward, so one chunk's fp32 logits exist at a time (the loss holds three copies; at a
+# 128k vocabulary that is 1.5 MB per position). A fixed count, not a fixed size: every rank calls
+# lm_head equally often, which ZeRO-3's parameter gathering needs.
+LOSS_CHUNKS = 8
 
 
 class ImageTextMismatchError(ValueError):
@@ -231,20 +237,33 @@ class MiniCPMV(PreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(
                 logits=self.llm.lm_head(hidden), past_key_values=outputs.past_key_values
             )
-        loss = self.next_token_loss(hidden, labels.to(hidden.device), num_items_in_batch)
+        loss = next_token_loss(self.llm.lm_head, hidden, labels.to(hidden.device), num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
 
-    def next_token_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
-    ) -> torch.Tensor:
-        """Cross-entropy of position t predicting labels[t + 1], over supervised positions only."""
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        logits = self.llm.lm_head(hidden[:, :-1][supervised]).float()
-        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
-        if num_items_in_batch is None:
-            return loss / supervised.sum().clamp(min=1)
-        return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+def next_token_loss(
+    lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of position t predicting labels[t + 1], over supervised positions only.
+
+    The mean over supervised tokens, or the sum divided by `num_items_in_batch` (the Trainer's count
+    under gradient accumulation). Logits are computed in `LOSS_CHUNKS` chunks, never all at once.
+    """
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    positions, wanted = hidden[:, :-1][supervised], targets[supervised]
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for chunk, chunk_targets in zip(positions.tensor_split(LOSS_CHUNKS), wanted.tensor_split(LOSS_CHUNKS)):
+        if torch.is_grad_enabled():
+            loss = loss + checkpoint(_summed_cross_entropy, lm_head, chunk, chunk_targets, use_reentrant=False)
+        else:
+            loss = loss + _summed_cross_entropy(lm_head, chunk, chunk_targets)
+    if num_items_in_batch is None:
+        return loss / supervised.sum().clamp(min=1)
+    return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 
 
-__all__ = ["IGNORE_INDEX", "RESAMPLER_HEAD_DIM", "ImageTextMismatchError", "MiniCPMV"]
+def _summed_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+__all__ = ["IGNORE_INDEX", "LOSS_CHUNKS", "RESAMPLER_HEAD_DIM", "ImageTextMismatchError", "MiniCPMV", "next_token_loss"]

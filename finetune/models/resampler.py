@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # The released 2.5/2.6 resamplers cache a 70 x 70 sin-cos table (980 px / 14) and regrow it on demand.
 DEFAULT_POS_CACHE_SIDE = 70
@@ -134,8 +135,13 @@ class Resampler(nn.Module):
             codes[i, : flat.shape[0]] = flat.to(device=device, dtype=dtype)
         return codes
 
+    # Set by transformers' gradient_checkpointing_enable() like its layers' flag. The resampler's saved
+    # tensors (~11 bytes per patch and output width) would otherwise wait through the whole language
+    # model; checkpointed, only its input waits and the rest is recomputed in the backward.
+    gradient_checkpointing = False
+
     def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
-        """Resamples patch features.
+        """Resamples patch features (recomputed in the backward under gradient checkpointing).
 
         Args:
             x: [B, L, kv_dim] patch features, slice i valid in its first h_i * w_i rows.
@@ -144,6 +150,13 @@ class Resampler(nn.Module):
         Returns:
             [B, num_queries, embed_dim].
         """
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant whatever the Trainer's setting: with the vision encoder frozen, x needs no
+            # grad, and reentrant checkpointing would then give the resampler's weights none.
+            return checkpoint(self._resample, x, tgt_sizes, use_reentrant=False)
+        return self._resample(x, tgt_sizes)
+
+    def _resample(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         patch_counts = tgt_sizes[:, 0] * tgt_sizes[:, 1]
         key_padding_mask = torch.arange(length, device=x.device)[None, :] >= patch_counts.to(x.device)[:, None]

@@ -71,7 +71,9 @@ class DataArguments:
 class TuningArguments:
     tune_llm: bool = field(default=False, metadata={"help": "Fully train the language model."})
     tune_vision: bool = field(default=False, metadata={"help": "Fully train the vision encoder."})
-    tune_resampler: bool = field(default=True, metadata={"help": "Train the resampler."})
+    tune_resampler: bool | None = field(
+        default=None, metadata={"help": "Train the resampler (default: yes in full runs, no with --use_lora)."}
+    )
     tune_embeddings: Literal["none", "new_tokens", "full"] = field(
         default="none",
         metadata={"help": "Input embeddings: frozen, only the special tokens' rows (LoRA runs), or all rows."},
@@ -87,6 +89,13 @@ class TuningArguments:
     lora_on_vision: bool = field(
         default=False, metadata={"help": "Also put LoRA on the vision encoder's attention."}
     )
+
+    def __post_init__(self) -> None:
+        if self.tune_resampler is None:
+            # LoRA adapts the language model and keeps the resampler as released, as LLaMA-Factory's
+            # and ms-swift's LoRA defaults keep the projector; training it too costs about 1 GiB per
+            # GPU for 2.5 on two GPUs (docs/memory.md, "The V100 target").
+            self.tune_resampler = not self.use_lora
 
 
 @dataclass
