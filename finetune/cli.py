@@ -52,7 +52,7 @@ def _check_data(argv: list[str]) -> None:
     settings = DataSettings(detect_family(config), config.get("query_num", 0), args.max_slice_nums,
                             args.model_max_length, truncate=args.truncation == "turns")
     report = check_data(args.data, load_sample_encoder(args.model, settings), image_root=args.image_root)
-    print(report.summary(args.model_max_length))
+    print(report.summary(args.model_max_length, settings.truncate))
     if report.errors:
         raise DataErrors(report.errors)
 

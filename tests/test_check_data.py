@@ -172,6 +172,7 @@ def test_overlong_sample_is_reported_with_truncation_reject(capsys, tiny_model_d
     assert f"over model_max_length {full - 1}" in line
     assert "--truncation turns" in line  # says how to fix it
     assert "samples: 1 valid, 1 problems" in out
+    assert f"over {full - 1} tokens (refused, --truncation reject): 1" in out and "truncated to" not in out
 
 
 def test_first_exchange_too_long_is_reported(capsys, tiny_model_dir, tmp_path, lengths):
@@ -225,4 +226,5 @@ def test_unusable_images_are_reported(capsys, tiny_model_dir, tmp_path):
     for index, (line, (name, reason)) in enumerate(zip(lines, cases.items())):
         assert line.startswith(f'{data}: sample {index} (id "{name}"), field image: '), line
         assert reason in line and name in line, line
+        assert "relative paths are resolved" not in line  # the file was found: the path is not the problem
     assert "samples: 1 valid, 6 problems" in out

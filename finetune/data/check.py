@@ -39,9 +39,10 @@ class DataReport:
     images: int = 0
     slices_per_image: Counter = field(default_factory=Counter)
     truncated: int = 0  # records shortened by whole exchanges to fit model_max_length
+    rejected: int = 0  # records over model_max_length refused (--truncation reject)
     bad_indices: set[int] = field(default_factory=set)  # positions in `records` that failed encoding
 
-    def summary(self, model_max_length: int) -> str:
+    def summary(self, model_max_length: int, truncate: bool) -> str:
         lines = [f"samples: {len(self.lengths)} valid, {len(self.errors)} problems"]
         lines.append(f"images: {self.images}")
         if self.slices_per_image:
@@ -50,7 +51,10 @@ class DataReport:
         if self.lengths:
             p = np.percentile(self.lengths, [50, 90, 99, 100]).round().astype(int)
             lines.append(f"tokens per sample, images included: p50 {p[0]}, p90 {p[1]}, p99 {p[2]}, max {p[3]}")
-        lines.append(f"truncated to {model_max_length} tokens by dropping whole exchanges: {self.truncated}")
+        if truncate:
+            lines.append(f"truncated to {model_max_length} tokens by dropping whole exchanges: {self.truncated}")
+        else:
+            lines.append(f"over {model_max_length} tokens (refused, --truncation reject): {self.rejected}")
         return "\n".join(lines)
 
 
@@ -70,6 +74,7 @@ def check_data(data_path: str, encoder: SampleEncoder, *, image_root: str | None
             if isinstance(problem, NothingToTrainError):
                 fix = "give the sample an answer"
             elif not encoder.settings.truncate:
+                report.rejected += 1
                 # The first-exchange message carries its own fix; a refused truncation needs one.
                 fix = (
                     "raise --model_max_length or lower --max_slice_nums, or use --truncation turns to drop "

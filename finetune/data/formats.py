@@ -107,7 +107,7 @@ def image_file_exists(path: str) -> str | None:
     if os.path.isfile(path):
         return None
     if os.path.exists(path):
-        return f"{path} is not a file"
+        return f"{path} is not a file (point to an image file)"
     return f"image file not found: {path}"
 
 
@@ -563,7 +563,9 @@ def _check_image_files(
             continue
         if image.path not in reason:
             reason = f"{image.path}: {reason}"
-        if image.relative:
+        if os.path.exists(image.path):
+            fix = ""  # found but unusable: the reason names the fix
+        elif image.relative:
             base = image_root if image_root is not None else os.path.dirname(os.path.abspath(file))
             fix = f"relative paths are resolved against {base} (image_root changes that)"
         else:

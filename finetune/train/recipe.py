@@ -58,7 +58,7 @@ class FinetuneTrainer(Trainer):
 
 def _validated_dataset(path: str, encoder: SampleEncoder, data_args, training_args, name: str) -> ConversationDataset:
     report: DataReport = check_data(path, encoder, image_root=data_args.image_root)
-    logger.info("%s data %s:\n%s", name, path, report.summary(data_args.model_max_length))
+    logger.info("%s data %s:\n%s", name, path, report.summary(data_args.model_max_length, encoder.settings.truncate))
     if report.errors:
         if not data_args.skip_invalid_samples:
             raise DataErrors(report.errors)
