@@ -26,7 +26,6 @@ from finetune.data.templates import IGNORE_INDEX
 from finetune.models.config import detect_family
 from finetune.models.hf_native import MODEL_CLASS_NAMES, load_processor
 from finetune.models.loading import build_model, load_model, read_config
-from finetune.models.tiny import write_tiny_model
 from finetune.train.args import TuningArguments
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.merge import merge_adapter
@@ -45,9 +44,9 @@ TINY_NATIVE_LORA = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    return {family: write_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0) for family in FAMILIES}
+@pytest.fixture
+def tiny_dirs(tiny_model_dir) -> dict[str, Path]:
+    return {family: tiny_model_dir(family) for family in FAMILIES}
 
 
 def _encoder(model_dir: Path, family: str, **settings) -> NativeSampleEncoder:
