@@ -101,7 +101,7 @@ def train(argv: list[str]) -> Path:
     model_dir = model_args.model_name_or_path
     config = read_config(model_dir)
     family = detect_family(config)
-    check_llm_type(model_args.llm_type, family)
+    check_llm_type(model_args.llm_type, config)
     prediction = predict_run(model_args, data_args, tuning_args, training_args)
     _wandb_offline_without_credentials(training_args)
 
