@@ -212,7 +212,8 @@ def test_module_calls_do_not_depend_on_the_images(family, tiny_dirs):
     batches = [
         [encoder.encode(_record("<image_00>\nWhat?", "A."), [_image(900, 300)]),
          encoder.encode(_record("<image_00>\nAnd?", "B."), [_image(300, 300, seed=1)])],
-        [encoder.encode(_record("<image_00>\nWhat?", "A."), [_image(500, 400)]), encoder.encode(_record("hi", "yo"), [])],
+        [encoder.encode(_record("<image_00>\nWhat?", "A."), [_image(500, 400)]),
+         encoder.encode(_record("hi", "yo"), [])],
         [encoder.encode(_record("hi", "yo"), []), encoder.encode(_record("hello", "hey"), [])],
     ]
     sequences = []

@@ -110,7 +110,8 @@ def plan_training(counts: ModelCounts, tuning: Tuning, recipe: Recipe = "finetun
     lora = 0
     lora_inputs: tuple[int, ...] = ()
     if tuning.use_lora:
-        targets = tuning.lora_targets(*counts.lora_defaults or ()) if recipe == "finetune" else tuning.lora_target_modules
+        defaults = counts.lora_defaults or ()
+        targets = tuning.lora_targets(*defaults) if recipe == "finetune" else tuning.lora_target_modules
         lora = counts.lora_parameters(targets, tuning.lora_r)
         trainable["lora"] = lora
         lora_inputs = _layer0_lora_inputs(counts, targets)

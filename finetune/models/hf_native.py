@@ -14,6 +14,7 @@ writes tiny random models (`write_tiny_hf_native`) for tests and demos.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -179,6 +180,7 @@ def _touch_vision_on_text_only_batches(model: nn.Module, family: NativeFamily) -
     model.register_forward_hook(add_to_loss, with_kwargs=True)
 
 
+@functools.cache
 def _batched_merger_class():
     from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6Merger
 
