@@ -327,6 +327,35 @@ def test_merge_gives_adapter_on_base_logits(family, tiny_dirs, tmp_path):
     assert not torch.allclose(got, unchanged, atol=1e-3)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_prompts_as_the_processor_and_answers_as_generate(family, tiny_dirs):
+    """`Chat` builds the prompt the processor builds for the chat template's generation prompt and
+    answers with the model's own greedy `generate`; a left-padded batch answers as each prompt alone."""
+    from finetune.generate import Chat
+
+    chat = Chat(tiny_dirs[family], max_slice_nums=2)
+    processor, image = chat.encoder.processor, _image(600, 400)
+    prompt = chat.prompt([{"role": "user", "content": "What is it?", "images": [image]}])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    reference = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt",
+                          **({"max_slice_nums": 2} if family == "4.6" else {}))
+    assert prompt["input_ids"].tolist() == reference["input_ids"][0].tolist()
+
+    with torch.no_grad():
+        generated = chat.model.generate(**reference, max_new_tokens=5, do_sample=False,
+                                        eos_token_id=list(chat.tokens.stop_ids), pad_token_id=chat.tokens.pad)
+    expected = generated[0, reference["input_ids"].shape[1]:].tolist()
+    expected = expected[:next((i for i, t in enumerate(expected) if t in chat.tokens.stop_ids), len(expected))]
+    answer = chat.ask("What is it?", images=[image], max_new_tokens=5)
+    assert answer == chat.decode(expected)
+    text_only = chat.ask("Hello there, how are you today?", max_new_tokens=5)
+    assert chat.generate_batch([[{"role": "user", "content": "What is it?", "images": [image]}],
+                                [{"role": "user", "content": "Hello there, how are you today?"}]],
+                               max_new_tokens=5) == [answer, text_only]
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end: 2 CPU ranks under ZeRO-2
 # ---------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class DataArguments:
     eval_generate_samples: int = field(
         default=0,
         metadata={"help": "At each evaluation, answer the first N held-out conversations and append them "
-                  "to <output_dir>/eval_generations.jsonl (MiniCPM-V 2.x families)."},
+                  "to <output_dir>/eval_generations.jsonl."},
     )
     skip_invalid_samples: bool = field(
         default=False,
