@@ -11,10 +11,10 @@ A prompt is the conversation so far encoded by the training path (`SampleEncoder
 the family's chat template, images sliced and their placeholders written as in training; for llava
 and 4.6 `NativeSampleEncoder.encode_prompt`, with the processor's placeholders and pixels), followed
 by the chat format's assistant header (2.0 `<AI>`, 2.5 and Llama-3 llava
-`<|start_header_id|>assistant<|end_header_id|>\\n\\n`, 2.6 and 4.6 `<|im_start|>assistant\\n`). Decoding is transformers' `generate` (greedy or sampled, KV cache)
-and stops at the family's stop tokens (`special_token_ids(tokenizer).stop_ids`). A batch is
-left-padded, so every prompt ends at the same column; position ids count real tokens only, so a
-padded prompt gets the positions it has alone.
+`<|start_header_id|>assistant<|end_header_id|>\\n\\n`, 2.6 and 4.6 `<|im_start|>assistant\\n`).
+Decoding is transformers' `generate` (greedy or sampled, KV cache) and stops at the family's stop
+tokens (`SpecialTokens.stop_ids`). A batch is left-padded, so every prompt ends at the same column;
+position ids count real tokens only, so a padded prompt gets the positions it has alone.
 
 A conversation is given in either of two forms:
 - a list of messages `{"role": "system"|"user"|"assistant", "content": str}`, where a user message
