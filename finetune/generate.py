@@ -8,12 +8,13 @@
     chat.ask("What is in the picture?", images=["cat.jpg"])
 
 A prompt is the conversation so far encoded by the training path (`SampleEncoder.encode_prompt`:
-the family's chat template, images sliced and their placeholders written as in training), followed
-by the family's assistant header (2.0 `<AI>`, 2.5 `<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
-2.6 `<|im_start|>assistant\\n`). Decoding is transformers' `generate` (greedy or sampled, KV cache)
-and stops at the family's stop tokens (`special_token_ids(tokenizer).stop_ids`). A batch is
-left-padded, so every prompt ends at the same column; position ids count real tokens only, so a
-padded prompt gets the positions it has alone.
+the family's chat template, images sliced and their placeholders written as in training; for llava
+and 4.6 `NativeSampleEncoder.encode_prompt`, with the processor's placeholders and pixels), followed
+by the chat format's assistant header (2.0 `<AI>`, 2.5 and Llama-3 llava
+`<|start_header_id|>assistant<|end_header_id|>\\n\\n`, 2.6 and 4.6 `<|im_start|>assistant\\n`).
+Decoding is transformers' `generate` (greedy or sampled, KV cache) and stops at the family's stop
+tokens (`SpecialTokens.stop_ids`). A batch is left-padded, so every prompt ends at the same column;
+position ids count real tokens only, so a padded prompt gets the positions it has alone.
 
 A conversation is given in either of two forms:
 - a list of messages `{"role": "system"|"user"|"assistant", "content": str}`, where a user message
@@ -37,14 +38,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data.collator import MiniCPMVCollator
-from .data.dataset import DataSettings, SampleEncoder
+from .data.dataset import DataSettings, load_sample_encoder
 from .data.formats import IMAGE_MARKER_RE, image_marker
 from .data.images import ImageError, open_image
-from .models.config import FAMILIES, UnsupportedModelError, detect_family
+from .models.config import detect_family
 from .models.loading import CheckpointError, load_model, read_config
-from .models.minicpmv import MiniCPMV
-from .models.tokenizer import SpecialTokens, load_tokenizer, special_token_ids
+from .models.tokenizer import SpecialTokens
 
 ImageInput = Image.Image | str | os.PathLike | dict
 DEFAULT_MAX_SLICE_NUMS = 9  # the training default (DataArguments.max_slice_nums)
@@ -97,24 +96,20 @@ def _open(image: ImageInput) -> Image.Image:
 
 
 def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Moves each row of a right-padded collator batch to the right end (and its image bounds with
-    it), dropping labels and position ids: `generate` appends tokens on the right, and derives
-    positions from the attention mask."""
+    """Moves each row of a right-padded collator batch to the right end (and the 2.x image bounds
+    with it), dropping labels and position ids: `generate` appends tokens on the right, and derives
+    positions from the attention mask. Pixel keys pass unchanged."""
     mask = batch["attention_mask"]
     width = mask.shape[1]
     shift = width - mask.sum(dim=1)  # [B] padding per row
     # new[t] = old[(t - shift) mod width]: the real tokens move right by `shift`, padding wraps left.
     index = (torch.arange(width) - shift[:, None]) % width
-    bounds = batch["image_bound"].clone()
-    bounds[:, 1:] += shift[bounds[:, 0]][:, None]
-    return {
-        "input_ids": batch["input_ids"].gather(1, index),
-        "attention_mask": mask.gather(1, index),
-        "pixel_values": batch["pixel_values"],
-        "tgt_sizes": batch["tgt_sizes"],
-        "image_bound": bounds,
-        "slice_counts": batch["slice_counts"],
-    }
+    out = {key: value for key, value in batch.items() if key not in ("labels", "position_ids")}
+    out["input_ids"], out["attention_mask"] = batch["input_ids"].gather(1, index), mask.gather(1, index)
+    if "image_bound" in batch:
+        out["image_bound"] = batch["image_bound"].clone()
+        out["image_bound"][:, 1:] += shift[out["image_bound"][:, 0]][:, None]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- Chat
@@ -125,12 +120,13 @@ def generate_ids(model, collator, tokens: SpecialTokens, prompts: list[dict], *,
                  do_sample: bool = False, use_cache: bool = True, **sampling) -> list[list[int]]:
     """New token ids per prompt (`SampleEncoder.encode_prompt` output), cut before the first stop token.
 
-    `model` is a MiniCPMV (or a peft model around one) in eval mode; the training recipe's
+    `model` is a model `load_model` loads (or a peft model around one) in eval mode; the training recipe's
     sample-generation callback passes the model being trained.
     """
     batch = left_padded(collator(prompts))
     inputs = {key: value.to(model.device) for key, value in batch.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if "pixel_values" in inputs:  # llava and 4.6 batches without images have none
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     if do_sample:
         options = {key: sampling[key] for key in ("temperature", "top_p", "top_k") if key in sampling}
     else:
@@ -172,7 +168,7 @@ class Chat:
 
     Raises:
         CheckpointError: `model_dir` or `adapter` is not a usable directory.
-        UnsupportedModelError: not a native MiniCPM-V 2.x model (also raised by loading).
+        UnsupportedModelError: a config of no family this toolkit reads (raised by loading).
         MissingSpecialTokenError: from loading the tokenizer.
     """
 
@@ -188,32 +184,27 @@ class Chat:
     ) -> None:
         config = read_config(model_dir)
         family = detect_family(config)
-        if family not in FAMILIES:
-            raise UnsupportedModelError(
-                f"{model_dir}: chat and evaluate run the native MiniCPM-V families {', '.join(FAMILIES)}; "
-                f"this is a {family} model (use its transformers class's own generate)"
-            )
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise CheckpointError(f"{adapter}: no adapter_config.json; --adapter takes the output_dir (or a "
                                   "checkpoint-N) of a --use_lora run")
-        self.tokenizer = load_tokenizer(model_dir)
-        self.tokens = special_token_ids(self.tokenizer)
         run_dir = Path(adapter if adapter is not None else model_dir)
         settings = DataSettings(
             family=family,
-            query_num=config["query_num"],
+            query_num=config.get("query_num", 0),  # 2.x only
             max_slice_nums=max_slice_nums or _trained_with(run_dir, "max_slice_nums") or DEFAULT_MAX_SLICE_NUMS,
             model_max_length=_trained_with(run_dir, "model_max_length") or 2048,
         )
-        self.encoder = SampleEncoder(settings, self.tokenizer, self.tokens)
-        self.collator = MiniCPMVCollator(self.tokens.pad, settings.query_num)
+        # The training encoder: ours for 2.x, the processor's for llava and 4.6.
+        self.encoder = load_sample_encoder(model_dir, settings)
+        self.tokenizer, self.tokens = self.encoder.tokenizer, self.encoder.tokens
+        self.collator = self.encoder.collator()
         model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model: MiniCPMV = model.to(device).eval()
+        self.model: torch.nn.Module = model.to(device).eval()
         self.family = family
 
     @property

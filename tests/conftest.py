@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny random-weight model directory per MiniCPM-V family, written once per session."""
+"""Shared fixtures: one tiny random-weight model directory per model family, written once per session."""
 
 from __future__ import annotations
 
@@ -32,7 +32,20 @@ def tiny_v2_6_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_tiny("2.6", tmp_path_factory)
 
 
-_TINY_DIR_FIXTURES = {"2.0": "tiny_v2_0_dir", "2.5": "tiny_v2_5_dir", "2.6": "tiny_v2_6_dir"}
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hub-format directory of a tiny LLaVA (SigLIP + Llama-3, transformers' class and processor)."""
+    return _write_tiny("llava", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_v4_6_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hub-format directory of a tiny MiniCPM-V 4.6 (transformers' class and processor)."""
+    return _write_tiny("4.6", tmp_path_factory)
+
+
+_TINY_DIR_FIXTURES = {"2.0": "tiny_v2_0_dir", "2.5": "tiny_v2_5_dir", "2.6": "tiny_v2_6_dir",
+                      "llava": "tiny_llava_dir", "4.6": "tiny_v4_6_dir"}
 
 
 @pytest.fixture

@@ -87,8 +87,9 @@ def test_split_reference_takes_the_last_answer():
     assert prompt["images"] == record["images"]
 
 
-def test_eval_loss_is_the_training_loss_per_token_whatever_the_batch_size(tiny_v2_5_dir):
-    chat = Chat(tiny_v2_5_dir, max_slice_nums=1)
+@pytest.mark.parametrize("family", ["2.5", "llava", "4.6"])
+def test_eval_loss_is_the_training_loss_per_token_whatever_the_batch_size(family, tiny_model_dir):
+    chat = Chat(tiny_model_dir(family), max_slice_nums=1)
     records = list(check_data(str(SAMPLE_EVAL), chat.encoder).records)
     samples = [chat.encoder.encode(r, [open_image(i["path"]) for i in r["images"]]) for r in records]
     with torch.no_grad():  # the training path on one batch of everything: the mean over supervised tokens

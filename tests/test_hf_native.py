@@ -3,7 +3,7 @@
 make-tiny output loads through `load_model` and `AutoProcessor`; the data path gives exactly the
 processor's own token ids and pixels, with assistant-only labels; the tuning flags pick each class's
 parts; merge folds an adapter in; and (slow) both fine-tune, resume and merge through the same
-commands as the 2.x families under ZeRO-2 on 2 CPU ranks.
+commands as the 2.x families on 2 CPU ranks (ZeRO-2; llava fully and 4.6 with LoRA also under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from finetune.data.templates import IGNORE_INDEX
 from finetune.models.config import detect_family
 from finetune.models.hf_native import MODEL_CLASS_NAMES, load_processor
 from finetune.models.loading import build_model, load_model, read_config
-from finetune.models.tiny import write_tiny_model
 from finetune.train.args import TuningArguments
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.merge import merge_adapter
@@ -45,9 +44,9 @@ TINY_NATIVE_LORA = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    return {family: write_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"), seed=0) for family in FAMILIES}
+@pytest.fixture
+def tiny_dirs(tiny_model_dir) -> dict[str, Path]:
+    return {family: tiny_model_dir(family) for family in FAMILIES}
 
 
 def _encoder(model_dir: Path, family: str, **settings) -> NativeSampleEncoder:
@@ -197,6 +196,56 @@ def test_collated_batch_trains(family, tiny_dirs):
     assert patch_embedding.grad is not None and all(p.grad is not None for p in projector.parameters())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_module_calls_do_not_depend_on_the_images(family, tiny_dirs):
+    """ZeRO-3 gathers parameters per module call and hooks every output tensor, in the same order on
+    every rank: a training step makes the same calls, vision first, and 4.6's merger returns one
+    tensor, whether the batch has images, how many slices they have, or none at all."""
+    encoder = _encoder(tiny_dirs[family], family)
+    model = apply_tuning(load_model(tiny_dirs[family]), TuningArguments(tune_vision=True, tune_llm=True),
+                         encoder.tokens)
+    model.train()
+    calls: list[tuple[str, int]] = []
+    for name, module in model.named_modules():
+        module.register_forward_hook(
+            lambda m, args, out, name=name: calls.append((name, len(out) if isinstance(out, (list, tuple)) else 1)))
+    batches = [
+        [encoder.encode(_record("<image_00>\nWhat?", "A."), [_image(900, 300)]),
+         encoder.encode(_record("<image_00>\nAnd?", "B."), [_image(300, 300, seed=1)])],
+        [encoder.encode(_record("<image_00>\nWhat?", "A."), [_image(500, 400)]),
+         encoder.encode(_record("hi", "yo"), [])],
+        [encoder.encode(_record("hi", "yo"), []), encoder.encode(_record("hello", "hey"), [])],
+    ]
+    sequences = []
+    for batch in batches:
+        calls.clear()
+        model(**encoder.collator()(batch)).loss.backward()
+        sequences.append(list(calls))
+    assert sequences[0] == sequences[1] == sequences[2]
+    names = [name for name, _ in sequences[0]]
+    assert names.index("model.vision_tower") < names.index("model.language_model")
+    if family == "4.6":
+        assert ("model.merger", 1) in sequences[0]
+
+
+def test_batched_merger_gives_the_class_features(tiny_dirs):
+    from transformers import MiniCPMV4_6Config
+    from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6Merger
+
+    raw = read_config(tiny_dirs["4.6"])
+    for merger_times in (1, 2):
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+        config = MiniCPMV4_6Config(**{**fields, "merger_times": merger_times})
+        torch.manual_seed(0)
+        reference = MiniCPMV4_6Merger(config)
+        batched = type(load_model(tiny_dirs["4.6"]).model.merger)(config)
+        batched.load_state_dict(reference.state_dict())
+        sizes = torch.tensor([[8, 8], [4, 12], [16, 4]], dtype=torch.int32)
+        hidden = torch.randn(1, int(sizes.prod(-1).sum()), config.vision_config.hidden_size)
+        (features,) = batched(hidden, sizes)
+        torch.testing.assert_close(features, torch.cat(reference(hidden, sizes)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # What is trained
 # ---------------------------------------------------------------------------------------------------
@@ -281,6 +330,35 @@ def test_merge_gives_adapter_on_base_logits(family, tiny_dirs, tmp_path):
     assert not torch.allclose(got, unchanged, atol=1e-3)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_prompts_as_the_processor_and_answers_as_generate(family, tiny_dirs):
+    """`Chat` builds the prompt the processor builds for the chat template's generation prompt and
+    answers with the model's own greedy `generate`; a left-padded batch answers as each prompt alone."""
+    from finetune.generate import Chat
+
+    chat = Chat(tiny_dirs[family], max_slice_nums=2)
+    processor, image = chat.encoder.processor, _image(600, 400)
+    prompt = chat.prompt([{"role": "user", "content": "What is it?", "images": [image]}])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    reference = processor(images=[image], text=[text], add_special_tokens=False, return_tensors="pt",
+                          **({"max_slice_nums": 2} if family == "4.6" else {}))
+    assert prompt["input_ids"].tolist() == reference["input_ids"][0].tolist()
+
+    with torch.no_grad():
+        generated = chat.model.generate(**reference, max_new_tokens=5, do_sample=False,
+                                        eos_token_id=list(chat.tokens.stop_ids), pad_token_id=chat.tokens.pad)
+    expected = generated[0, reference["input_ids"].shape[1]:].tolist()
+    expected = expected[:next((i for i, t in enumerate(expected) if t in chat.tokens.stop_ids), len(expected))]
+    answer = chat.ask("What is it?", images=[image], max_new_tokens=5)
+    assert answer == chat.decode(expected)
+    text_only = chat.ask("Hello there, how are you today?", max_new_tokens=5)
+    assert chat.generate_batch([[{"role": "user", "content": "What is it?", "images": [image]}],
+                                [{"role": "user", "content": "Hello there, how are you today?"}]],
+                               max_new_tokens=5) == [answer, text_only]
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end: 2 CPU ranks under ZeRO-2
 # ---------------------------------------------------------------------------------------------------
@@ -291,18 +369,31 @@ def _native_command(model_dir: Path, output_dir: Path, *extra: str) -> list[str]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_native_training_learns_the_sample_set(family, tiny_dirs, tmp_path):
+@pytest.mark.parametrize(("family", "mode", "profile"), [
+    ("llava", "lora", "zero2.json"), ("4.6", "lora", "zero2.json"),
+    ("llava", "full", "zero3.json"), ("4.6", "lora", "zero3.json"),
+])
+def test_native_training_learns_the_sample_set(family, mode, profile, tiny_dirs, tmp_path):
     steps = 16
     out = tmp_path / "run"
-    _run(_native_command(tiny_dirs[family], out, *TINY_NATIVE_LORA, "--max_steps", str(steps),
-                         "--save_steps", str(steps)))
+    if mode == "lora":
+        extra = [*TINY_NATIVE_LORA, "--learning_rate", "1e-2"]
+    else:
+        extra = ["--tune_llm", "true", "--tune_vision", "true", "--learning_rate", "2e-3"]
+    _run(_command(tiny_dirs[family], out, *extra, "--max_steps", str(steps), "--save_steps", str(steps),
+                  profile=profile))
     losses = _final_losses(out)
     assert sorted(losses) == list(range(1, steps + 1))
     first, last = _mean(losses[s] for s in range(1, 5)), _mean(losses[s] for s in range(steps - 3, steps + 1))
     assert last < 0.85 * first, f"loss did not fall clearly: {losses}"
-    model = PeftModel.from_pretrained(load_model(tiny_dirs[family]), out)
-    assert any("lora_B" in name for name, _ in model.named_parameters())
+    if mode == "lora":
+        model = PeftModel.from_pretrained(load_model(tiny_dirs[family]), out)
+        assert any("lora_B" in name for name, _ in model.named_parameters())
+    else:  # gathered from the ZeRO-3 partitions: every weight loads by name (load_model checks), trained
+        trained, base = load_model(out), load_model(tiny_dirs[family])
+        assert type(trained).__name__ == MODEL_CLASS_NAMES[family]
+        for part in ("model.language_model.layers.0", "model.vision_tower.encoder.layers.0"):
+            assert not torch.equal(*(next(m.get_submodule(part).parameters()) for m in (trained, base))), part
     assert load_processor(out, family).image_token  # the output keeps the base's processor files
     assert json.loads((out / "run_config.json").read_text())["arguments"]["family"] == family
 

@@ -163,17 +163,22 @@ TUNING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", ["2.0", "2.5", "2.6"])
+def _tokens(family: str, directory):
+    from finetune.data.dataset import DataSettings, load_sample_encoder
+
+    return load_sample_encoder(directory, DataSettings(family, 0, 9, 2048)).tokens
+
+
+@pytest.mark.parametrize("family", ["2.0", "2.5", "2.6", "llava", "4.6"])
 def test_plan_matches_what_apply_tuning_builds(family, tiny_model_dir):
     """The estimator's trained and present parameter counts equal peft's on the real recipe code."""
     from finetune.models.loading import load_model
-    from finetune.models.tokenizer import load_tokenizer, special_token_ids
     from finetune.train.args import TuningArguments
     from finetune.train.trainable import apply_tuning
 
     directory = tiny_model_dir(family)
     counts = count_model(str(directory))
-    tokens = special_token_ids(load_tokenizer(directory))
+    tokens = _tokens(family, directory)
     for case in TUNING_CASES:
         model = apply_tuning(load_model(directory), TuningArguments(**case), tokens)
         plan = plan_training(counts, Tuning.from_any(case))
@@ -192,6 +197,101 @@ def test_lora_targets_follow_apply_tuning(case):
     assert Tuning.from_any(TuningArguments(use_lora=True, **case)).lora_targets() == _lora_targets(
         TuningArguments(use_lora=True, **case)
     )
+
+
+# -- the transformers-native families (llava, 4.6) ------------------------------------------------------
+
+# The Llama3-V shape as a LlavaForConditionalGeneration: SigLIP-so400m-patch14-384 (no pooling head) and
+# Llama-3-8B, with one added <image> token.
+LLAMA3_V = {
+    "model_type": "llava",
+    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128257,
+                    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                    "tie_word_embeddings": False},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+                      "vision_use_head": False},
+    "image_token_id": 128256, "image_seq_length": 729, "vision_feature_select_strategy": "full",
+    "vision_feature_layer": -2, "projector_hidden_act": "gelu", "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.parametrize("family", ["llava", "4.6"])
+def test_native_counts_equal_the_built_model_per_part(family, tiny_model_dir):
+    from finetune.models.hf_native import PARTS
+    from finetune.models.loading import load_model
+
+    model = load_model(tiny_model_dir(family))
+    embed, head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
+
+    def numel(paths):
+        return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters())
+
+    paths = PARTS[family]
+    assert count_model(str(tiny_model_dir(family))).parts == {
+        "embed_tokens": embed, "llm_layers": numel(paths["llm"]) - embed - head, "lm_head": head,
+        "vpm": numel(paths["vision"]), "resampler": numel(paths["resampler"]),
+    }
+
+
+@pytest.mark.parametrize("family", ["llava", "4.6"])
+def test_native_image_tokens_follow_the_processor(family, tiny_model_dir):
+    """An image's placeholder, as the processor writes it, never exceeds the estimate's image tokens;
+    a scale_resolution-sized slice has exactly query_num image tokens (llava: every image)."""
+    from finetune.data.dataset import DataSettings, load_sample_encoder
+    from finetune.memory.estimate import image_tokens
+
+    directory = tiny_model_dir(family)
+    counts = count_model(str(directory))
+    encoder = load_sample_encoder(directory, DataSettings(family, 0, 9, 4096))
+    image_token = encoder.processor.image_token_id
+    for size in [(448, 448), (600, 400), (1600, 1200), (4000, 500), (100, 80)]:
+        layout = encoder.layout(*size)
+        ids, _ = encoder.chat.image_placeholder(layout, 0)
+        slices, tokens = image_tokens(counts, 9, 1)
+        assert layout.num_slices <= slices and len(ids) <= tokens, size
+    square = encoder.chat.image_placeholder(encoder.layout(counts.scale_resolution, counts.scale_resolution), 0)[0]
+    assert square.count(image_token) == counts.query_num
+    if family == "llava":  # no slicing: one slice per image whatever --max_slice_nums says
+        assert image_tokens(counts, 9, 2) == (2, 2 * counts.query_num) == (2, 2 * 256)
+
+
+def test_counts_of_the_llama3_v_shape():
+    counts = count_model(LLAMA3_V)
+    # Llama-3-8B's decoder layers are 2.5's; SigLIP: patch and position embeddings, 27 layers, final norm.
+    assert counts.parts["llm_layers"] == count_model(MODEL).parts["llm_layers"] == 6_979_588_096
+    assert counts.parts["embed_tokens"] == counts.parts["lm_head"] == 128257 * 4096
+    siglip_layer = 2 * 2 * 1152 + 4 * (1152 * 1152 + 1152) + 2 * 1152 * 4304 + 4304 + 1152
+    assert counts.parts["vpm"] == (3 * 14 * 14 + 1) * 1152 + 729 * 1152 + 27 * siglip_layer + 2 * 1152
+    assert counts.parts["resampler"] == 1152 * 4096 + 4096 + 4096 * 4096 + 4096  # the two-layer projector
+    assert (counts.query_num, counts.slicing, counts.family) == (729, False, "llava")
+    # r * (in + out) over q, k, v, o of 32 layers, as for 2.5's Llama-3-8B.
+    assert plan_training(counts, Tuning(use_lora=True)).trainable_parts["lora"] == 54_525_952
+
+
+def test_llama3_v_default_lora_fits_two_v100():
+    result = estimate(LLAMA3_V, num_gpus=2, gpu_memory_gib=32, tuning=LORA, dtype="fp16", zero="zero2")
+    assert result.details["tokens"]["image"] == 729 and result.details["tokens"]["slices"] == 1
+    # Against 2.5's 24.1 GiB: one 729-token image instead of ten slices (vision encoder 0.07 against
+    # 0.95 GiB), so more text tokens and logits (2.1 against 1.7 GiB).
+    assert result.per_gpu_peak_gib == pytest.approx(22.7, abs=0.1) and result.fits
+
+
+@pytest.mark.parametrize("model", ["llama3-v", "tiny-4.6"])
+@pytest.mark.parametrize("tuning", [LORA, FULL], ids=["lora", "full"])
+def test_native_sanity_properties(model, tuning, tiny_model_dir):
+    config = LLAMA3_V if model == "llama3-v" else str(tiny_model_dir("4.6"))
+
+    def peak(**kwargs):
+        return estimate(config, gpu_memory_gib=32, tuning=tuning, dtype="bf16", **{"num_gpus": 2, **kwargs})
+
+    for profile in PROFILE_NAMES:
+        peaks = [peak(num_gpus=n, zero=profile).per_gpu_peak_gib for n in (1, 2, 4, 8)]
+        assert peaks == sorted(peaks, reverse=True), profile
+    for base, offloaded in (("zero2", "zero2_offload"), ("zero3", "zero3_offload")):
+        on_gpu, off = peak(zero=base), peak(zero=offloaded)
+        assert off.per_gpu_peak_gib < on_gpu.per_gpu_peak_gib and off.host_memory_gib > on_gpu.host_memory_gib
 
 
 def test_shipped_profiles_are_read_as_deepspeed_reads_them():
@@ -236,6 +336,22 @@ def test_memory_command_json(model_dir, capsys):
     assert {"weights", "gradients", "optimizer_states", "activations", "vision_encoder", "logits",
             "buffers_and_workspace"} <= set(payload["breakdown"])
     assert payload["inputs"]["zero_stage"] == 2 and payload["inputs"]["dtype"] == "fp16"
+
+
+@pytest.mark.parametrize("family", ["llava", "4.6"])
+def test_memory_command_on_native_families(family, tiny_model_dir, capsys):
+    from finetune.memory.cli import memory_main
+
+    args = ["--num_gpus", "2", "--gpu_memory", "32", "--model_name_or_path", str(tiny_model_dir(family)),
+            "--use_lora", "true", "--bf16", "true", "--deepspeed", "ds_configs/zero3.json", *MODEL_DIR_ARGS]
+    assert memory_main([*args, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["per_gpu_peak_gib"] > 0 and payload["inputs"]["family"] == family
+    assert set(payload["breakdown"]) == {"weights", "gradients", "optimizer_states", "activations", "vision_encoder",
+                                         "logits", "buffers_and_workspace"}
+    assert payload["details"]["parameters"]["trainable_parts"]["lora"] > 0
+    assert memory_main(args) == 0
+    assert capsys.readouterr().out.startswith("LLaVA (" if family == "llava" else "MiniCPM-V 4.6 (")
 
 
 def test_memory_command_table_lists_fixes_when_it_does_not_fit(model_dir, capsys):

@@ -158,7 +158,8 @@ def test_llm_type_is_checked_against_the_model(tiny_model_dir, tmp_path):
         env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 2
-    assert "--llm_type qwen means MiniCPM-V 2.6, but the model is MiniCPM-V 2.5" in proc.stderr
+    assert ("--llm_type qwen names a qwen2 / qwen3 / qwen3_5_text language model, but this family 2.5 model has a "
+            "llama one; pass --llm_type llama3 or drop --llm_type") in proc.stderr
 
 
 def test_single_process_run_logs_to_tensorboard_and_offline_wandb(tiny_model_dir, tmp_path):

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune.models.loading import load_model
+from finetune.models.loading import load_model, read_config
 from finetune.models.tokenizer import load_tokenizer, special_token_ids
-from finetune.train.args import ConfigError, TuningArguments, check_llm_type, parse_args
+from finetune.train.args import LLM_TYPES, ConfigError, TuningArguments, check_llm_type, parse_args
 from finetune.train.callbacks import NonFiniteCallback, ThroughputCallback
 from finetune.train.checkpoints import COMPLETE_MARKER, CheckpointMarker, resolve_resume
 from finetune.train.trainable import added_token_ids, apply_tuning
@@ -66,11 +66,24 @@ def test_every_problem_is_reported_at_once(tmp_path):
         assert expected in message
 
 
-def test_llm_type_must_match_the_detected_family():
-    check_llm_type(None, "2.6")
-    check_llm_type("llama3", "2.5")
-    with pytest.raises(ConfigError, match="means MiniCPM-V 2.0, but the model is MiniCPM-V 2.6"):
-        check_llm_type("minicpm", "2.6")
+# family -> the --llm_type values that name its language model (llava: the tiny one's Llama-3).
+LLM_TYPE_CASES = {"2.0": {"minicpm"}, "2.5": {"llama3"}, "2.6": {"qwen", "qwen2"}, "llava": {"llama3"},
+                  "4.6": {"qwen", "qwen3"}}
+
+
+@pytest.mark.parametrize("family", LLM_TYPE_CASES)
+def test_llm_type_must_name_the_language_model(family, tiny_model_dir):
+    config = read_config(tiny_model_dir(family))
+    check_llm_type(None, config)
+    for llm_type in LLM_TYPES:
+        if llm_type in LLM_TYPE_CASES[family]:
+            check_llm_type(llm_type, config)
+            continue
+        with pytest.raises(ConfigError) as refused:
+            check_llm_type(llm_type, config)
+        message = str(refused.value)
+        assert f"--llm_type {llm_type} names a" in message and f"family {family} model" in message
+        assert f"pass --llm_type {' or '.join(sorted(LLM_TYPE_CASES[family], key=list(LLM_TYPES).index))}" in message
 
 
 # -- trainable parts -----------------------------------------------------------------------------------

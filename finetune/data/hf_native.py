@@ -165,14 +165,25 @@ class NativeSampleEncoder:
         """A training sample: `input_ids`, `labels` (long [T]) and, with images, the processor's
         `pixel_values` (llava float [n, 3, H, W]; 4.6 float [3, P, L], the slices' patches side by
         side) and 4.6's `target_sizes` (int [s, 2], each slice's patch grid)."""
-        sample: dict = {}
-        layouts: list[ProcessorImageLayout] = []
-        if images:
-            processed = self._process(images)
-            layouts = self._layouts(processed, len(images))
-        encoded = self.encode_text(record, layouts)
-        sample["input_ids"] = torch.tensor(encoded.input_ids, dtype=torch.long)
-        sample["labels"] = torch.tensor(encoded.labels, dtype=torch.long)
+        processed, layouts = self._images(images)
+        return self._sample(self.encode_text(record, layouts), processed, layouts)
+
+    def encode_prompt(self, record: dict, images: list[Image.Image]) -> dict:
+        """A generation prompt, as `encode` would place its images, with the chat format's assistant
+        header appended and every label -100. `record["messages"]` must end with a user turn; it is
+        never truncated."""
+        processed, layouts = self._images(images)
+        return self._sample(self.chat.encode_prompt(record["messages"], layouts), processed, layouts)
+
+    def _images(self, images: list[Image.Image]) -> tuple[dict | None, list[ProcessorImageLayout]]:
+        if not images:
+            return None, []
+        processed = self._process(images)
+        return processed, self._layouts(processed, len(images))
+
+    def _sample(self, encoded: Encoded, processed, layouts: list[ProcessorImageLayout]) -> dict:
+        sample = {"input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+                  "labels": torch.tensor(encoded.labels, dtype=torch.long)}
         if encoded.num_images:  # images of dropped exchanges go with them
             sample.update(self._keep_images(processed, layouts, encoded.num_images))
         return sample

@@ -208,6 +208,10 @@ def suggestions(run: RunSpec, num_gpus: int, gpu_memory: float, cpu_memory: floa
     return found
 
 
+# How the table names a family ("2.5" reads "MiniCPM-V 2.5").
+_MODEL_NAMES = {"llava": "LLaVA"}
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
@@ -231,7 +235,7 @@ def format_table(result: MemoryEstimate, run: RunSpec, fixes: list[dict[str, Any
         what = "full: " + ", ".join(p for p in params["trainable_parts"]) if params["trainable_parts"] else "nothing"
     profile = i["deepspeed_profile"]
     lines = [
-        f"MiniCPM-V {i['family']} ({run.model}): {what}",
+        f"{_MODEL_NAMES.get(i['family'], 'MiniCPM-V ' + i['family'])} ({run.model}): {what}",
         f"{ZeroSettings.from_profile(run.deepspeed).describe() if run.deepspeed else 'no DeepSpeed (DDP)'}"
         f"{f' ({profile})' if run.deepspeed else ''}, {i['dtype']}, {i['num_gpus']} GPU(s), batch {i['batch_size']}, "
         f"checkpointing {'on' if i['gradient_checkpointing'] else 'off'}",

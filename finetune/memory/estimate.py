@@ -38,8 +38,8 @@ BREAKDOWN_KEYS = (
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 VISION_LORA_TARGETS = r"vpm\..*(self_attn\.(q_proj|k_proj|v_proj|out_proj)|attn\.(qkv|proj))"
 # `--tune_embeddings new_tokens` trains the rows of the special tokens (train/trainable.py
-# added_token_ids): image, slice and unk tokens, plus 2.6's image-id tokens.
-NEW_TOKEN_ROWS = {"2.0": 5, "2.5": 5, "2.6": 7}
+# added_token_ids): image, slice and unk tokens, plus 2.6's image-id tokens; llava has only its image token.
+NEW_TOKEN_ROWS = {"2.0": 5, "2.5": 5, "2.6": 7, "llava": 1, "4.6": 7}
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,17 @@ class Tuning:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def lora_targets(self) -> str | list[str]:
-        """The target spec peft receives (same rule as train/trainable.py `_lora_targets`)."""
+    def lora_targets(self, llm_default: str = DEFAULT_LORA_TARGETS,
+                     vision: str = VISION_LORA_TARGETS) -> str | list[str]:
+        """The target spec peft receives (same rule as train/trainable.py `_lora_targets`): the flag's
+        default stands for the family's `llm_default`, --lora_on_vision adds `vision`."""
         targets = self.lora_target_modules
         if "," in targets or targets.isidentifier():
             return [name.strip() for name in targets.split(",") if name.strip()]
+        if targets == DEFAULT_LORA_TARGETS:
+            targets = llm_default
         if self.lora_on_vision:
-            targets = f"({targets})|({VISION_LORA_TARGETS})"
+            targets = f"({targets})|({vision})"
         return targets
 
 
@@ -110,7 +114,8 @@ def plan_training(counts: ModelCounts, tuning: Tuning, recipe: Recipe = "finetun
     lora = 0
     lora_inputs: tuple[int, ...] = ()
     if tuning.use_lora:
-        targets = tuning.lora_targets() if recipe == "finetune" else tuning.lora_target_modules
+        defaults = counts.lora_defaults or ()
+        targets = tuning.lora_targets(*defaults) if recipe == "finetune" else tuning.lora_target_modules
         lora = counts.lora_parameters(targets, tuning.lora_r)
         trainable["lora"] = lora
         lora_inputs = _layer0_lora_inputs(counts, targets)
@@ -163,7 +168,7 @@ def plan_training(counts: ModelCounts, tuning: Tuning, recipe: Recipe = "finetun
 def _layer0_lora_inputs(counts: ModelCounts, targets: str | list[str]) -> tuple[int, ...]:
     import re
 
-    layer0 = [s for s in counts.linears if re.search(r"^llm\..*layers\.0\.", s.name)]
+    layer0 = [s for s in counts.linears if re.search(rf"^{re.escape(counts.llm_prefix)}.*layers\.0\.", s.name)]
     if isinstance(targets, str):
         pattern = re.compile(targets)
         hits = [s for s in layer0 if pattern.fullmatch(s.name)]
@@ -203,7 +208,10 @@ class MemoryEstimate:
 
 
 def image_tokens(counts: ModelCounts, max_slice_nums: int, images_per_sample: int) -> tuple[int, int]:
-    """(slices, placeholder tokens) of `images_per_sample` images sliced to the most slices."""
+    """(slices, placeholder tokens) of `images_per_sample` images sliced to the most slices (or, for a
+    model without slicing, each image whole: query_num tokens, no tags)."""
+    if not counts.slicing:
+        return images_per_sample, images_per_sample * counts.query_num
     slices = images_per_sample * (1 + max_slice_nums)
     return slices, slices * (counts.query_num + C.TAG_TOKENS_PER_SLICE)
 

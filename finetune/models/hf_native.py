@@ -14,6 +14,7 @@ writes tiny random models (`write_tiny_hf_native`) for tests and demos.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -89,12 +90,17 @@ def build_hf_native(
 ) -> nn.Module:
     """The model a config.json describes, with random weights (or none, on "meta")."""
     from transformers import AutoConfig
+    from transformers.modeling_utils import set_zero3_state
 
     raw = path_or_config if isinstance(path_or_config, dict) else read_config(path_or_config)
     family = detect_family(raw)
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
     config = AutoConfig.for_model(raw["model_type"], **fields)
-    with torch.device(device):
+    # Inside a ZeRO-3 run (the memory estimate counts the model on "meta" at start), transformers
+    # would build the model and its sub-models (AutoModel.from_config) under zero.Init: collective
+    # calls that a rank loading the real model never joins. `set_zero3_state` is transformers' own
+    # "zero.Init is already active" switch; under it they are built plainly.
+    with torch.device(device), set_zero3_state():
         model = model_class(family)._from_config(config, attn_implementation=attn_implementation)
     if dtype is not None:
         model = model.to(dtype)
@@ -125,6 +131,8 @@ def load_hf_native(
             f"missing: {sorted(info['missing_keys'])[:10]}, unexpected: {sorted(info['unexpected_keys'])[:10]}"
         )
     _touch_vision_on_text_only_batches(model, family)
+    if family == "4.6":
+        model.model.merger.__class__ = _batched_merger_class()  # same module and parameters, another forward
     return model
 
 
@@ -134,29 +142,76 @@ def _touch_vision_on_text_only_batches(model: nn.Module, family: NativeFamily) -
     transformers' classes skip the vision path when `pixel_values` is None, so on that rank those
     parameters get no gradient and are never gathered; ZeRO-3 then waits for them forever and DDP
     reports unused parameters. A tiny blank image is encoded and 0 x its features added to the
-    loss, as the native 2.x models do (`MiniCPMV.embed_inputs`).
+    loss, as the native 2.x models do (`MiniCPMV.embed_inputs`). It is encoded just before the
+    language model runs, where a batch with images has encoded them (after the token embeddings):
+    ZeRO-3 gathers parameters in module-call order, and that order must be the same on every rank.
     """
+    state: dict[str, Any] = {"blank": False, "features": None}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not (module.training and torch.is_grad_enabled()) or kwargs.get("pixel_values") is not None:
-            return output
-        if getattr(output, "loss", None) is None:
-            return output
-        inner = module.model
-        dtype = inner.get_input_embeddings().weight.dtype
+    def note_text_only(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state["blank"] = (module.training and torch.is_grad_enabled() and kwargs.get("pixel_values") is None
+                          and kwargs.get("labels") is not None)  # a loss to attach the features to
+
+    def encode_blank(language_model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not state["blank"]:
+            return
+        state["blank"] = False
+        inner = model.model
+        weight = inner.get_input_embeddings().weight
         if family == "4.6":
-            patch = module.config.vision_config.patch_size
-            blank = torch.zeros(1, 3, patch, 16 * patch, dtype=dtype, device=output.loss.device)
+            patch = model.config.vision_config.patch_size
+            blank = torch.zeros(1, 3, patch, 16 * patch, dtype=weight.dtype, device=weight.device)
             sizes = torch.tensor([[4, 4]], dtype=torch.int32, device=blank.device)
             features = inner.get_image_features(blank, sizes).pooler_output
         else:
-            size = module.config.vision_config.image_size
-            blank = torch.zeros(1, 3, size, size, dtype=dtype, device=output.loss.device)
+            size = model.config.vision_config.image_size
+            blank = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
             features = inner.get_image_features(blank).pooler_output
-        output.loss = output.loss + sum(f.sum() for f in features) * 0
+        state["features"] = sum(f.sum() for f in features)
+
+    def add_to_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        features, state["features"] = state["features"], None
+        if features is not None:
+            output.loss = output.loss + features * 0
         return output
 
-    model.register_forward_hook(hook, with_kwargs=True)
+    model.register_forward_pre_hook(note_text_only, with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(encode_blank, with_kwargs=True)
+    model.register_forward_hook(add_to_loss, with_kwargs=True)
+
+
+@functools.cache
+def _batched_merger_class():
+    from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6Merger
+
+    class MiniCPMV4_6BatchedMerger(MiniCPMV4_6Merger):
+        """`MiniCPMV4_6Merger` with a module-call sequence that does not depend on the slice count.
+
+        The class's own forward calls its MLP once per slice and returns one tensor per slice. ZeRO-3
+        gathers a module's parameters at each call and hooks each output tensor for the backward, and
+        it needs every rank to make the same calls (else it stops on a trace mismatch or hangs in a
+        collective). Here each merge round's MLP runs once on every slice's tokens together (it works
+        token by token: the same features) and the features come back as one tensor, in a list of
+        one: the model's forward concatenates the list anyway. Same parameters, same names.
+        """
+
+        def forward(self, hidden_states: torch.Tensor, target_sizes: torch.Tensor) -> list[torch.Tensor]:
+            merge_h, merge_w = self.merge_kernel_size
+            sizes = [(int(h), int(w)) for h, w in target_sizes.tolist()]
+            features = hidden_states[0]
+            for round_index, mlp in enumerate(self.mlp):
+                if any(h % merge_h or w % merge_w for h, w in sizes):
+                    raise ValueError(f"patch grids {sizes} must be divisible by the merge kernel "
+                                     f"{self.merge_kernel_size} at merge round {round_index}")
+                # Each merge_h x merge_w window of a slice becomes one token, row by row.
+                windows = [piece.view(h // merge_h, merge_h, w // merge_w, merge_w, -1).permute(0, 2, 1, 3, 4)
+                           .reshape((h // merge_h) * (w // merge_w), -1)
+                           for piece, (h, w) in zip(features.split([h * w for h, w in sizes]), sizes)]
+                features = mlp(torch.cat(windows))
+                sizes = [(h // merge_h, w // merge_w) for h, w in sizes]
+            return [features]
+
+    return MiniCPMV4_6BatchedMerger
 
 
 # ---------------------------------------------------------------------------------------------------

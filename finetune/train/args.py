@@ -14,11 +14,24 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..models.config import detect_family
 from .distributed import cpu_training_args_kwargs, fill_single_process_env
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 VISION_LORA_TARGETS = r"vpm\..*(self_attn\.(q_proj|k_proj|v_proj|out_proj)|attn\.(qkv|proj))"
-LLM_TYPES = {"minicpm": "2.0", "llama3": "2.5", "qwen": "2.6"}
+# --llm_type values and the language models (config.json model_type) each names: the reference recipe's
+# minicpm, llama3 and qwen (its 2.6 scripts also pass qwen2), and qwen3 for Qwen3-based models. The flag
+# is only checked; the family and its chat format are read from config.json.
+LLM_TYPES = {
+    "minicpm": ("minicpm",),
+    "llama3": ("llama",),
+    "qwen": ("qwen2", "qwen3", "qwen3_5_text"),
+    "qwen2": ("qwen2",),
+    "qwen3": ("qwen3", "qwen3_5_text"),
+}
+# The 2.x families' language models (their config.json flattens it into the top level); llava and 4.6
+# name theirs in text_config.
+_FAMILY_LANGUAGE_MODELS = {"2.0": "minicpm", "2.5": "llama", "2.6": "qwen2"}
 
 
 class ConfigError(ValueError):
@@ -32,8 +45,9 @@ class ModelArguments:
     )
     llm_type: str | None = field(
         default=None,
-        metadata={"help": "Accepted for reference-recipe scripts and checked against the detected family "
-                  "(minicpm=2.0, llama3=2.5, qwen=2.6); never needed."},
+        metadata={"help": "Accepted for reference-recipe scripts and checked against the model's language "
+                  "model (minicpm: 2.0; llama3: 2.5, llava with Llama-3; qwen or qwen2: 2.6; qwen or qwen3: "
+                  "4.6); never needed."},
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa", metadata={"help": "Attention kernel of the language model and vision encoder."}
@@ -58,7 +72,7 @@ class DataArguments:
     eval_generate_samples: int = field(
         default=0,
         metadata={"help": "At each evaluation, answer the first N held-out conversations and append them "
-                  "to <output_dir>/eval_generations.jsonl (MiniCPM-V 2.x families)."},
+                  "to <output_dir>/eval_generations.jsonl."},
     )
     skip_invalid_samples: bool = field(
         default=False,
@@ -204,11 +218,19 @@ def validate_args(model_args, data_args, tuning_args, training_args) -> None:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
 
 
-def check_llm_type(llm_type: str | None, family: str) -> None:
-    if llm_type is not None and LLM_TYPES[llm_type] != family:
+def check_llm_type(llm_type: str | None, config: dict) -> None:
+    """Refuses an --llm_type that does not name the language model of the model `config` (config.json) describes."""
+    if llm_type is None:
+        return
+    family = detect_family(config)
+    language_model = _FAMILY_LANGUAGE_MODELS.get(family) or (config.get("text_config") or {}).get("model_type")
+    if language_model not in LLM_TYPES[llm_type]:
+        fitting = [name for name, models in LLM_TYPES.items() if language_model in models]
         raise ConfigError(
-            f"--llm_type {llm_type} means MiniCPM-V {LLM_TYPES[llm_type]}, but the model is MiniCPM-V {family}; "
-            "drop --llm_type, the family is read from config.json"
+            f"--llm_type {llm_type} names a {' / '.join(LLM_TYPES[llm_type])} language model, but this family "
+            f"{family} model has a {language_model} one; "
+            + (f"pass --llm_type {' or '.join(fitting)} or " if fitting else "")
+            + "drop --llm_type (the family is read from config.json)"
         )
 
 

@@ -24,7 +24,7 @@ from ..data.errors import DataErrors
 from ..memory.profile import MemoryProfileCallback, predict_run
 from ..models.config import detect_family
 from ..models.loading import load_model, read_config
-from .args import ConfigError, check_llm_type, parse_args
+from .args import check_llm_type, parse_args
 from .callbacks import NonFiniteCallback, SampleGenerationCallback, ThroughputCallback, write_run_record
 from .checkpoints import CheckpointMarker, resolve_resume
 from .distributed import init_deepspeed_comm
@@ -101,7 +101,7 @@ def train(argv: list[str]) -> Path:
     model_dir = model_args.model_name_or_path
     config = read_config(model_dir)
     family = detect_family(config)
-    check_llm_type(model_args.llm_type, family)
+    check_llm_type(model_args.llm_type, config)
     prediction = predict_run(model_args, data_args, tuning_args, training_args)
     _wandb_offline_without_credentials(training_args)
 
@@ -114,8 +114,6 @@ def train(argv: list[str]) -> Path:
     )
     encoder = load_sample_encoder(model_dir, settings)
     tokenizer, tokens = encoder.tokenizer, encoder.tokens
-    if data_args.eval_generate_samples and not hasattr(encoder, "encode_prompt"):
-        raise ConfigError(f"--eval_generate_samples runs on MiniCPM-V 2.x models, not on family {family}")
     train_dataset = _validated_dataset(data_args.data_path, encoder, data_args, training_args, "train")
     eval_dataset = None
     if data_args.eval_data_path:
