@@ -273,9 +273,9 @@ def test_counts_of_the_llama3_v_shape():
 def test_llama3_v_default_lora_fits_two_v100():
     result = estimate(LLAMA3_V, num_gpus=2, gpu_memory_gib=32, tuning=LORA, dtype="fp16", zero="zero2")
     assert result.details["tokens"]["image"] == 729 and result.details["tokens"]["slices"] == 1
-    # Against 2.5's 24.1 GiB: one 729-token image instead of ten slices (vision encoder 0.07 against
-    # 0.95 GiB), so more text tokens and logits (2.1 against 1.7 GiB).
-    assert result.per_gpu_peak_gib == pytest.approx(22.7, abs=0.1) and result.fits
+    # One 729-token image instead of 2.5's ten slices, and a smaller projector than its resampler:
+    # at most 2.5's prediction, and the issue's 20 GiB.
+    assert result.per_gpu_peak_gib <= run().per_gpu_peak_gib <= 20 and result.fits
 
 
 @pytest.mark.parametrize("model", ["llama3-v", "tiny-4.6"])
