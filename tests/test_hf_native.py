@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
@@ -26,6 +27,7 @@ from finetune.data.templates import IGNORE_INDEX
 from finetune.models.config import detect_family
 from finetune.models.hf_native import MODEL_CLASS_NAMES, load_processor
 from finetune.models.loading import build_model, load_model, read_config
+from finetune.models.minicpmv import LOSS_CHUNKS
 from finetune.train.args import TuningArguments
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.merge import merge_adapter
@@ -197,6 +199,34 @@ def test_collated_batch_trains(family, tiny_dirs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_loss_is_the_class_loss_from_supervised_logits_only(family, tiny_dirs):
+    """The loss equals cross-entropy over the class's own logits, but lm_head sees only supervised
+    positions, in LOSS_CHUNKS chunks (plus the class's own call: llava with no position kept)."""
+    encoder = _encoder(tiny_dirs[family], family)
+    samples = [encoder.encode(_record("<image_00>\nWhat is it?", "A thing, seen from above."), [_image(500, 300)]),
+               encoder.encode(_record("hello there", "hi"), [])]
+    batch = encoder.collator()(samples)
+    labels = batch.pop("labels")
+    model = apply_tuning(load_model(tiny_dirs[family]), TuningArguments(use_lora=True, lora_r=4), encoder.tokens)
+    model.eval()
+    rows = []
+    handle = model.get_base_model().lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1]))
+    try:
+        with torch.no_grad():
+            output = model(**batch, labels=labels)
+            logits = model(**batch).logits.float()
+    finally:
+        handle.remove()
+    supervised = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    class_call, *chunks = rows[: 1 + LOSS_CHUNKS]
+    assert class_call[-1] == (0 if family == "llava" else labels.shape[1])
+    assert len(chunks) == LOSS_CHUNKS and sum(c.numel() for c in chunks) == supervised
+    assert output.logits is None
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_module_calls_do_not_depend_on_the_images(family, tiny_dirs):
     """ZeRO-3 gathers parameters per module call and hooks every output tensor, in the same order on
     every rank: a training step makes the same calls, vision first, and 4.6's merger returns one
@@ -321,6 +351,7 @@ def test_merge_gives_adapter_on_base_logits(family, tiny_dirs, tmp_path):
     assert load_processor(merged_dir, family).image_token == encoder.processor.image_token
 
     batch = encoder.collator()([encoder.encode(_record("<image_00>\nWhat is it?", "A thing."), [_image(500, 300)])])
+    del batch["labels"]  # with labels the model returns only the loss
     reference = PeftModel.from_pretrained(load_model(base), tmp_path / "adapter").eval()
     with torch.no_grad():
         expected = reference(**batch).logits

@@ -56,9 +56,9 @@ class ModelCounts:
     slicing: bool = True  # False: each image is one slice, whatever --max_slice_nums says (llava)
     llm_prefix: str = "llm."  # module-name prefix of the language model
     lora_defaults: tuple[str, str] | None = None  # the family's default LoRA targets (LLM, vision), if not 2.x's
-    # How training computes the loss's logits: "selective" (the 2.x models' chunked next_token_loss) or
-    # "full" (transformers' classes: lm_head at every position, upcast to fp32 by their loss function).
-    loss_logits: str = "selective"
+    # The class's forward applies lm_head at every position before the loss (4.6's has no logits_to_keep);
+    # those compute-dtype logits are dropped before the loss's chunks run (models/hf_native.py).
+    forward_logits: bool = False
     linears: tuple[LinearShape, ...] = field(repr=False, default=())
     tensor_sizes: tuple[int, ...] = field(repr=False, default=())  # numel of every parameter tensor
 
@@ -178,7 +178,7 @@ def _count(key: str, config: dict | None) -> ModelCounts:
         **images,
         llm_prefix=f"{paths['llm'][0]}.",
         lora_defaults=None if family is None else (llm_lora, vision_lora),
-        loss_logits="selective" if family is None else "full",
+        forward_logits=family == "4.6",
         linears=linears,
         tensor_sizes=tuple(sorted(sizes)),
     )

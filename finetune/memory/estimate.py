@@ -258,8 +258,7 @@ def estimate(
             every_n_layers (only every n-th layer is checkpointed, the rest keep their activations)
             and offload (checkpointed layer inputs are held in host memory).
         recipe: "finetune" (this toolkit) or "reference" (OpenBMB's finetune.py, for calibration):
-            sets what trains (see `plan_training`), the logits (the reference: full; this toolkit: the
-            model's `loss_logits`, selective for 2.x and full for transformers' classes) and the vision
+            sets what trains (see `plan_training`), the logits (selective / full) and the vision
             attention kernel (sdpa / eager) unless `logits` / `vision_attention` say otherwise.
         images_per_sample: images in the longest sample (the reference data has one).
         supervised_fraction: share of text tokens with labels (selective logits only).
@@ -282,7 +281,7 @@ def estimate(
         problems.append("batch_size, model_max_length must be positive and max_slice_nums non-negative")
     if problems:
         raise ValueError("; ".join(problems))
-    logits = logits or ("full" if recipe == "reference" else counts.loss_logits)
+    logits = logits or ("full" if recipe == "reference" else "selective")
     vision_attention = vision_attention or ("eager" if recipe == "reference" else "sdpa")
     plan = plan_training(counts, tune, recipe)
     n = num_gpus
@@ -332,6 +331,8 @@ def estimate(
                   checkpoint_resampler=gradient_checkpointing and recipe == "finetune")
     if logits == "selective":
         logits_peak = C.CHUNK_LOGITS_COPIES * math.ceil(batch_size * supervised / C.LOSS_CHUNKS) * counts.vocab_size * 4
+        if counts.forward_logits:  # the class's own logits at every position, gone before the chunks
+            logits_peak = max(logits_peak, batch_size * seq * counts.vocab_size * bpe)
     else:
         logits_peak = C.LOGITS_COPIES * batch_size * seq * counts.vocab_size * 4
     lm_head_grad = counts.parts["lm_head"] * bpe if "lm_head" in plan.trainable_parts else 0

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import NativeFamily, detect_family
 from .loading import CheckpointError, read_config
+from .minicpmv import next_token_loss
 from .tokenizer import build_tiny_bpe
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def load_hf_native(
             f"missing: {sorted(info['missing_keys'])[:10]}, unexpected: {sorted(info['unexpected_keys'])[:10]}"
         )
     _touch_vision_on_text_only_batches(model, family)
+    _loss_at_supervised_positions(model, family)
     if family == "4.6":
         model.model.merger.__class__ = _batched_merger_class()  # same module and parameters, another forward
     return model
@@ -178,6 +180,43 @@ def _touch_vision_on_text_only_batches(model: nn.Module, family: NativeFamily) -
     model.register_forward_pre_hook(note_text_only, with_kwargs=True)
     model.model.language_model.register_forward_pre_hook(encode_blank, with_kwargs=True)
     model.register_forward_hook(add_to_loss, with_kwargs=True)
+
+
+def _loss_at_supervised_positions(model: nn.Module, family: NativeFamily) -> None:
+    """With labels, the loss of the 2.x models: `next_token_loss`, logits only where a label is, in chunks.
+
+    transformers' classes apply lm_head at every position and their loss upcasts the logits to fp32,
+    about 3 GiB at the loss's peak for a 128k vocabulary and 2048 tokens. Here the class runs without
+    labels (llava with `logits_to_keep` empty; 4.6's class has no such argument, and its bf16 logits
+    are dropped), and the loss comes from the language model's last hidden state. Labels keep the
+    transformers convention (unshifted): the same loss value, less memory. Registered after the blank
+    image's hooks (they look for labels first) and run before its loss hook (it adds to this loss).
+    """
+    state: dict[str, Any] = {}
+
+    def take_labels(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs.get("labels") is None:
+            return None
+        state["labels"], state["items"] = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
+        if family == "llava":
+            kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=state["labels"].device)
+        return args, kwargs
+
+    def keep_hidden(language_model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if "labels" in state:
+            state["hidden"] = output.last_hidden_state
+
+    def loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if "labels" not in state:
+            return output
+        labels, items, hidden = state.pop("labels"), state.pop("items"), state.pop("hidden")
+        output.logits = None  # freed before the loss's chunks run
+        output.loss = next_token_loss(module.lm_head, hidden, labels.to(hidden.device), items)
+        return output
+
+    model.register_forward_pre_hook(take_labels, with_kwargs=True)
+    model.model.language_model.register_forward_hook(keep_hidden, with_kwargs=True)
+    model.register_forward_hook(loss, with_kwargs=True, prepend=True)
 
 
 @functools.cache
