@@ -8,10 +8,13 @@
 The whole path from a record to a batch: decode the JPEG, slice, normalise, lay out patch strips,
 tokenise, collate. Both paths read the same records (MiniCPM-V format, loaded and validated by
 `load_conversations` beforehand, as training does) through a torch DataLoader (batch 4), and must
-produce identical batches (checked key by key before timing; the bench exits non-zero otherwise).
+produce identical batches (checked key by key before timing, ours normalised; the bench exits
+non-zero otherwise).
 
 - ours  `ConversationDataset.__getitem__` (open_image, preprocess_image, ChatEncoder) +
-        `MiniCPMVCollator` (to_patch_strips).
+        `MiniCPMVCollator` (to_patch_strips): uint8 strips. The x / 255, mean = std = 0.5 step is
+        the model's first operation, on the accelerator in training (`normalize_pixels`); the
+        identity check applies it, and --stages prints what it would cost on the CPU.
 - ref   the reference fine-tune's steps, transcribed here: `Image.open().convert("RGB")`, its
         `slice_image` (PIL resize + one crop per cell), per slice `np.array` -> ToTensor + Normalize
         written without torchvision (the same float32 operations), `reshape_by_patch` per slice with
@@ -65,9 +68,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.data.collator import MiniCPMVCollator  # noqa: E402
 from finetune.data.dataset import ConversationDataset, DataSettings, SampleEncoder  # noqa: E402
 from finetune.data.formats import load_conversations  # noqa: E402
-from finetune.data.images import image_to_tensor, open_image, slice_image  # noqa: E402
+from finetune.data.images import open_image, slice_image  # noqa: E402
 from finetune.data.slicing import plan_slices  # noqa: E402
 from finetune.data.templates import ImageLayout  # noqa: E402
+from finetune.models.minicpmv import normalize_pixels  # noqa: E402
 from finetune.models.tokenizer import load_tokenizer, special_token_ids, write_tiny_tokenizer  # noqa: E402
 
 FAMILY = "2.6"
@@ -376,6 +380,7 @@ def one_pass(data: DataLoader) -> tuple[float, float]:
 
 def check_identical(ours: DataLoader, ref: DataLoader, name: str) -> None:
     for k, (a, b) in enumerate(zip(ours, ref)):
+        a["pixel_values"] = normalize_pixels(a["pixel_values"], a["tgt_sizes"], torch.float32)
         for key in a:
             if a[key].shape != b[key].shape or not torch.equal(a[key], b[key]):
                 sys.exit(f"{name} batch {k}: ours and ref differ in {key} ({tuple(a[key].shape)} vs {tuple(b[key].shape)})")
@@ -404,11 +409,10 @@ def stage_times(records: list[dict], ours: ConversationDataset, collate, ref: Re
         images = clock("decode", lambda: [open_image(image["path"]) for image in record["images"]])
         plans = clock("slice", lambda: [plan_slices(*im.size, max_slice_nums=settings.max_slice_nums) for im in images])
         pieces = clock("slice", lambda: [slice_image(im, plan) for im, plan in zip(images, plans)])
-        tensors = clock("normalise", lambda: [[image_to_tensor(p) for p in group] for group in pieces])
         layouts = [ImageLayout(plan.grid) for plan in plans]
         encoded = clock("tokenise", lambda: encoder.encode_text(record, layouts))
         return {"input_ids": torch.tensor(encoded.input_ids), "labels": torch.tensor(encoded.labels),
-                "slices": [t for group in tensors for t in group], "image_spans": torch.tensor(encoded.image_spans)}
+                "slices": [p for group in pieces for p in group], "image_spans": torch.tensor(encoded.image_spans)}
 
     def ref_sample(record, clock):
         images = clock("decode", lambda: [ref.load(image["path"]) for image in record["images"]])
@@ -423,7 +427,7 @@ def stage_times(records: list[dict], ours: ConversationDataset, collate, ref: Re
     per_round: dict[str, list[dict]] = {"ours": [], "ref": []}
     for _ in range(rounds + 1):  # the first round warms up; ours and ref alternate
         for name, make, collate_fn in (("ours", ours_sample, collate), ("ref", ref_sample, ref_collate_)):
-            spent = dict.fromkeys(steps, 0.0)
+            spent = dict.fromkeys(steps + ["model normalise"], 0.0)
 
             def clock(step, work):
                 start = time.process_time()
@@ -433,12 +437,17 @@ def stage_times(records: list[dict], ours: ConversationDataset, collate, ref: Re
 
             for begin in range(0, len(records), batch_size):
                 samples = [make(record, clock) for record in records[begin : begin + batch_size]]
-                clock("collate", lambda: collate_fn(samples))
+                batch = clock("collate", lambda: collate_fn(samples))
+                if name == "ours":  # the model's first operation; on the accelerator in training
+                    clock("model normalise",
+                          lambda: normalize_pixels(batch["pixel_values"], batch["tgt_sizes"], torch.float32))
             per_round[name].append(spent)
     results = {
-        name: {step: 1000 * statistics.median(r[step] for r in rounds_[1:]) / len(records) for step in steps}
+        name: {step: 1000 * statistics.median(r[step] for r in rounds_[1:]) / len(records) for step in rounds_[0]}
         for name, rounds_ in per_round.items()
     }
+    model_normalise = results["ours"].pop("model normalise")
+    results["ref"].pop("model normalise")
     print(f"\nCPU ms per sample by step, {label} set, one process (median of {rounds} passes; ours lays out "
           "strips inside collate)")
     print(f"{'step':<13} {'ours':>7} {'ref':>7}")
@@ -446,6 +455,8 @@ def stage_times(records: list[dict], ours: ConversationDataset, collate, ref: Re
         ours_ms = sum(results["ours"].values()) if step == "total" else results["ours"][step]
         ref_ms = sum(results["ref"].values()) if step == "total" else results["ref"][step]
         print(f"{step:<13} {ours_ms:>7.1f} {ref_ms:>7.1f}")
+    print(f"(ours normalises uint8 in the model, on the accelerator; on this CPU that would add "
+          f"{model_normalise:.1f} ms)")
 
 
 def main() -> None:

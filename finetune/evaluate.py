@@ -71,7 +71,9 @@ def eval_loss(chat: Chat, records: list[dict], *, batch_size: int, progress: boo
         samples = [chat.encoder.encode(record, [open_image(image["path"]) for image in record["images"]])
                    for record in records[start : start + batch_size]]
         batch = {key: value.to(chat.device) for key, value in chat.collator(samples).items()}
-        if "pixel_values" in batch:  # llava and 4.6 batches without images have none
+        # llava's and 4.6's processors give float pixels (none for a batch without images); 2.x batches
+        # carry uint8, which the model normalises itself.
+        if batch.get("pixel_values") is not None and batch["pixel_values"].is_floating_point():
             batch["pixel_values"] = batch["pixel_values"].to(chat.model.dtype)
         # num_items_in_batch=1 turns the model's mean into the sum, so the file's mean is exact.
         total += float(chat.model(**batch, num_items_in_batch=1).loss)

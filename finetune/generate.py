@@ -125,7 +125,9 @@ def generate_ids(model, collator, tokens: SpecialTokens, prompts: list[dict], *,
     """
     batch = left_padded(collator(prompts))
     inputs = {key: value.to(model.device) for key, value in batch.items()}
-    if "pixel_values" in inputs:  # llava and 4.6 batches without images have none
+    # llava's and 4.6's processors give float pixels (none for a batch without images); 2.x batches
+    # carry uint8, which the model normalises itself.
+    if inputs.get("pixel_values") is not None and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     if do_sample:
         options = {key: sampling[key] for key in ("temperature", "top_p", "top_k") if key in sampling}

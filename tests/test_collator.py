@@ -83,12 +83,12 @@ def test_mixed_batch_follows_the_batch_contract(family):
     S = sum(counts)
     slices = [piece for s in samples for piece in s["slices"]]
     assert [len(s["slices"]) for s in samples] == counts
-    grids = [(piece.shape[1] // P, piece.shape[2] // P) for piece in slices]
+    grids = [(piece.shape[0] // P, piece.shape[1] // P) for piece in slices]
     L = max(h * w for h, w in grids)
 
     for key in ("input_ids", "attention_mask", "position_ids", "labels"):
         assert batch[key].shape == (B, T) and batch[key].dtype == torch.long, key
-    assert batch["pixel_values"].shape == (S, 3, P, L * P) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (S, P, L * P, 3) and batch["pixel_values"].dtype == torch.uint8
     assert batch["tgt_sizes"].shape == (S, 2) and batch["tgt_sizes"].dtype == torch.long
     assert batch["image_bound"].shape == (S, 3) and batch["image_bound"].dtype == torch.long
     assert batch["slice_counts"].tolist() == counts and batch["slice_counts"].dtype == torch.long
@@ -123,20 +123,20 @@ def test_mixed_batch_follows_the_batch_contract(family):
     # Pixels: each strip holds its slice, in order sample -> image -> [source, cells], zero-padded.
     for k, (strip, piece, (h, w)) in enumerate(zip(batch["pixel_values"], slices, grids)):
         alone, _ = to_patch_strips([piece])
-        assert torch.equal(strip[..., : h * w * P], alone[0]), k
-        assert strip[:, :, h * w * P :].eq(0).all(), k
+        assert torch.equal(strip[:, : h * w * P], alone[0]), k
+        assert strip[:, h * w * P :].eq(0).all(), k
 
 
 def test_slices_of_one_sample_are_source_then_grid(family):
     """The 1344x1344 image: source first (downscaled to 448x448), then 9 cells of 448x448."""
     (sample,) = family.samples(CASES[3:])
-    assert [tuple(piece.shape) for piece in sample["slices"]] == [(3, 448, 448)] * 10
+    assert [tuple(piece.shape) for piece in sample["slices"]] == [(448, 448, 3)] * 10
     assert sample["image_spans"].tolist() == sorted(sample["image_spans"].tolist())
 
 
 def test_text_only_batch_has_no_slices(family):
     batch = family.collator(family.samples(CASES[:1]) * 2)
-    assert batch["pixel_values"].shape == (0, 3, P, 0)
+    assert batch["pixel_values"].shape == (0, P, 0, 3)
     assert batch["tgt_sizes"].shape == (0, 2) and batch["tgt_sizes"].dtype == torch.long
     assert batch["image_bound"].shape == (0, 3) and batch["image_bound"].dtype == torch.long
     assert batch["slice_counts"].tolist() == [0, 0]

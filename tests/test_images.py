@@ -18,13 +18,13 @@ from skimage import data as photos
 from finetune.data import images
 from finetune.data.images import (
     ImageError,
-    image_to_tensor,
     open_image,
     preprocess_image,
     slice_image,
     to_patch_strips,
 )
 from finetune.data.slicing import plan_slices
+from finetune.models.minicpmv import normalize_pixels
 
 P = 14
 
@@ -45,7 +45,7 @@ def astronaut() -> Image.Image:
 
 
 def _slow_strip(image: torch.Tensor) -> torch.Tensor:
-    """Strip layout the slow, obvious way: copy each patch, row-major, side by side."""
+    """Strip layout the slow, obvious way: copy each patch of a [3, H, W] image, row-major, side by side."""
     _, height, width = image.shape
     patches = [
         image[:, row : row + P, col : col + P] for row in range(0, height, P) for col in range(0, width, P)
@@ -60,84 +60,110 @@ def _reference_reshape_by_patch(image: torch.Tensor) -> torch.Tensor:
     return patches.permute(0, 1, 3, 2).reshape(image.size(0), P, -1)
 
 
+def _reference_transform(pixels: torch.Tensor) -> torch.Tensor:
+    """The reference's ToTensor + Normalize(0.5, 0.5) of uint8 [H, W, 3], in float32: [3, H, W]."""
+    return pixels.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+def _random_pixels(height: int, width: int) -> torch.Tensor:
+    return torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
+
+
 # --- Strip layout ----------------------------------------------------------------------
 
 
 def test_strip_equals_per_patch_copy_and_reference_unfold():
-    slices = [torch.randn(3, 3 * P, 5 * P), torch.randn(3, 2 * P, 2 * P), torch.randn(3, P, 7 * P)]
+    slices = [_random_pixels(3 * P, 5 * P), _random_pixels(2 * P, 2 * P), _random_pixels(P, 7 * P)]
     pixel_values, tgt_sizes = to_patch_strips(slices)
 
-    assert pixel_values.shape == (3, 3, P, 15 * P) and pixel_values.dtype == torch.float32
+    assert pixel_values.shape == (3, P, 15 * P, 3) and pixel_values.dtype == torch.uint8
     assert tgt_sizes.tolist() == [[3, 5], [2, 2], [1, 7]] and tgt_sizes.dtype == torch.long
-    for strip, image, (h, w) in zip(pixel_values, slices, tgt_sizes.tolist()):
-        used = strip[:, :, : h * w * P]
-        assert torch.equal(used, _slow_strip(image))
-        assert torch.equal(used, _reference_reshape_by_patch(image))
+    for strip, pixels, (h, w) in zip(pixel_values, slices, tgt_sizes.tolist()):
+        used = strip[:, : h * w * P].permute(2, 0, 1)  # channels first, as the reference lays it out
+        assert torch.equal(used, _slow_strip(pixels.permute(2, 0, 1)))
+        assert torch.equal(used.float(), _reference_reshape_by_patch(pixels.permute(2, 0, 1).float()))
+
+
+def test_cells_cut_from_a_larger_image_lay_out_like_copies(astronaut):
+    # slice_image hands out grid cells as views of one refined array (strided, not contiguous).
+    pixels = torch.from_numpy(np.array(astronaut))
+    cell = pixels[P : 4 * P, 2 * P : 7 * P]
+    assert not cell.is_contiguous()
+    assert torch.equal(to_patch_strips([cell])[0], to_patch_strips([cell.contiguous()])[0])
 
 
 def test_padded_tail_is_zero():
-    # Constant -1 is what a black slice normalises to, so any leak of pixels or of
-    # normalisation into the padding would show.
-    long, short = -torch.ones(3, 2 * P, 3 * P), -torch.ones(3, P, 2 * P)
+    long, short = torch.full((2 * P, 3 * P, 3), 255, dtype=torch.uint8), torch.full((P, 2 * P, 3), 255, dtype=torch.uint8)
     pixel_values, _ = to_patch_strips([long, short])
-    assert torch.all(pixel_values[0] == -1)
-    assert torch.all(pixel_values[1, :, :, : 2 * P] == -1)
-    assert torch.all(pixel_values[1, :, :, 2 * P :] == 0)
+    assert torch.all(pixel_values[0] == 255)
+    assert torch.all(pixel_values[1, :, : 2 * P] == 255)
+    assert torch.all(pixel_values[1, :, 2 * P :] == 0)
 
 
 def test_patch_conv_on_strip_equals_conv_on_image():
     # The vision encoder's patch embedding is a conv with kernel = stride = P; on the
     # strip it must produce the image's patches in row-major order (spec 2.2).
-    image = torch.randn(3, 3 * P, 4 * P)
+    pixels = _random_pixels(3 * P, 4 * P)
     weight = torch.randn(8, 3, P, P, dtype=torch.float64)  # float64: sums agree to 1e-9
-    strip = to_patch_strips([image])[0].double()  # [1, 3, P, 12*P]
-    on_image = F.conv2d(image[None].double(), weight, stride=P).flatten(2)  # [1, 8, 3*4] row-major
+    strip = to_patch_strips([pixels])[0].permute(0, 3, 1, 2).double()  # [1, 3, P, 12*P]
+    image = pixels.permute(2, 0, 1)[None].double()
+    on_image = F.conv2d(image, weight, stride=P).flatten(2)  # [1, 8, 3*4] row-major
     on_strip = F.conv2d(strip, weight, stride=P).flatten(2)  # [1, 8, 12]
     torch.testing.assert_close(on_strip, on_image, rtol=0, atol=1e-9)
 
 
-def test_pil_slices_are_normalised_like_tensor_slices(astronaut):
-    crop = astronaut.crop((0, 0, 5 * P, 3 * P))
-    from_pil = to_patch_strips([crop])
-    from_tensor = to_patch_strips([image_to_tensor(crop)])
-    assert torch.equal(from_pil[0], from_tensor[0]) and torch.equal(from_pil[1], from_tensor[1])
-
-
 def test_no_slices_gives_empty_batch():
     pixel_values, tgt_sizes = to_patch_strips([])
-    assert pixel_values.shape == (0, 3, P, 0) and tgt_sizes.shape == (0, 2)
-    assert tgt_sizes.dtype == torch.long
+    assert pixel_values.shape == (0, P, 0, 3) and pixel_values.dtype == torch.uint8
+    assert tgt_sizes.shape == (0, 2) and tgt_sizes.dtype == torch.long
 
 
-@pytest.mark.parametrize("shape", [(3, 15, 14), (3, 14, 13), (1, 14, 14), (3, 0, 14), (14, 14)])
+@pytest.mark.parametrize("shape", [(15, 14, 3), (14, 13, 3), (14, 14, 1), (0, 14, 3), (3, 14, 14), (14, 14)])
 def test_rejects_slices_that_do_not_tile(shape):
     with pytest.raises(ValueError, match="slice 1"):
-        to_patch_strips([torch.zeros(3, P, P), torch.zeros(shape)])
+        to_patch_strips([_random_pixels(P, P), torch.zeros(shape, dtype=torch.uint8)])
 
 
-# --- Normalisation -----------------------------------------------------------------------
+def test_rejects_float_slices():
+    with pytest.raises(ValueError, match="slice 0 is torch.float32"):
+        to_patch_strips([torch.zeros(P, P, 3)])
 
 
-def test_normalisation_matches_formula_and_spans_minus_one_to_one():
-    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    rgb = np.stack([values, 255 - values, np.full_like(values, 128)], axis=-1)
-    tensor = image_to_tensor(Image.fromarray(rgb))
+# --- Normalisation (the model's first operation) ----------------------------------------------
 
-    expected = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
-    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32 and tensor.is_contiguous()
-    torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
-    assert tensor.min() == -1 and tensor.max() == 1  # 0 -> -1, 255 -> 1 exactly
-    assert tensor[0, 0, 0] == -1 and tensor[1, 0, 0] == 1
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_normalised_strips_equal_the_reference_float_pipeline_bit_for_bit(dtype):
+    # Every uint8 value, in slices of different lengths: the reference normalises each slice in
+    # float32 (ToTensor + Normalize), lays it out with unfold, pads with 0.0, and casts.
+    values = torch.arange(256, dtype=torch.uint8)
+    slices = [values.repeat(3 * P * 5 * P * 3 // 256 + 1)[: 3 * P * 5 * P * 3].view(3 * P, 5 * P, 3),
+              _random_pixels(P, 2 * P), _random_pixels(2 * P, 2 * P)]
+    pixel_values, tgt_sizes = to_patch_strips(slices)
+
+    normalised = normalize_pixels(pixel_values, tgt_sizes, dtype)
+    assert normalised.dtype == dtype and normalised.shape == (3, 3, P, 5 * 3 * P)
+    for row, pixels in enumerate(slices):
+        want = _reference_reshape_by_patch(_reference_transform(pixels)).to(dtype)
+        length = want.shape[-1]
+        assert torch.equal(normalised[row, :, :, :length], want), f"slice {row}"
+        assert torch.all(normalised[row, :, :, length:] == 0), f"padding of slice {row}"
+    assert normalised.min() == -1 and normalised.max() == 1  # 0 -> -1, 255 -> 1 exactly
+
+
+def test_normalisation_refuses_float_strips():
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_pixels(torch.zeros(1, P, P, 3), torch.tensor([[1, 1]]), torch.float32)
+
+
+# --- Slicing pixels ------------------------------------------------------------------------
 
 
 def test_non_rgb_images_are_converted(astronaut):
     gray = astronaut.convert("L")
-    tensor = image_to_tensor(gray)
-    assert tensor.shape == (3, 512, 512)
-    assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
-
-
-# --- Slicing pixels ------------------------------------------------------------------------
+    plan, (source, *_) = preprocess_image(gray, max_slice_nums=9)
+    assert source.shape == (plan.source_size[1], plan.source_size[0], 3)
+    assert torch.equal(source[..., 0], source[..., 1]) and torch.equal(source[..., 1], source[..., 2])
 
 
 @pytest.mark.parametrize("max_slice_nums", [1, 2, 9])
@@ -146,9 +172,8 @@ def test_preprocess_shapes_follow_the_plan(coffee, astronaut, max_slice_nums):
         plan, slices = preprocess_image(photo, max_slice_nums=max_slice_nums)
         assert plan == plan_slices(*photo.size, max_slice_nums=max_slice_nums)
         assert len(slices) == plan.num_slices
-        for tensor, (w, h) in zip(slices, [plan.source_size, *plan.slice_sizes]):
-            assert tensor.shape == (3, h, w)
-            assert tensor.min() >= -1 and tensor.max() <= 1
+        for pixels, (w, h) in zip(slices, [plan.source_size, *plan.slice_sizes]):
+            assert pixels.shape == (h, w, 3) and pixels.dtype == torch.uint8
         _, tgt_sizes = to_patch_strips(slices)
         assert tgt_sizes.tolist() == [list(size) for size in plan.tgt_sizes]
 
@@ -165,25 +190,24 @@ def test_slice_image_resizes_source_and_crops_one_refined_image(coffee):
     assert plan.grid == (3, 2)
     source, *cells = slice_image(photo, plan)
 
-    assert np.array_equal(np.asarray(source), np.asarray(photo.resize(plan.source_size, Image.BICUBIC)))
+    assert np.array_equal(source.numpy(), np.asarray(photo.resize(plan.source_size, Image.BICUBIC)))
     # Pasting the cells back row by row must rebuild the single refined resize exactly:
-    # that checks the crop order and that cells are not resized one by one.
+    # that checks the cut order and that cells are not resized one by one.
     cols, rows = plan.grid
     cell_w, cell_h = plan.slice_sizes[0]
-    assert [cell.size for cell in cells] == list(plan.slice_sizes)
-    canvas = Image.new("RGB", plan.refine_size)
+    assert [(cell.shape[1], cell.shape[0]) for cell in cells] == list(plan.slice_sizes)
+    canvas = torch.zeros(plan.refine_size[1], plan.refine_size[0], 3, dtype=torch.uint8)
     for index, cell in enumerate(cells):
         row, col = divmod(index, cols)
-        canvas.paste(cell, (col * cell_w, row * cell_h))
-    assert np.array_equal(np.asarray(canvas), np.asarray(photo.resize(plan.refine_size, Image.BICUBIC)))
+        canvas[row * cell_h : (row + 1) * cell_h, col * cell_w : (col + 1) * cell_w] = cell
+    assert np.array_equal(canvas.numpy(), np.asarray(photo.resize(plan.refine_size, Image.BICUBIC)))
 
 
 def test_unsliced_image_is_only_resized(coffee):
     small = coffee.resize((300, 200))
     plan = plan_slices(*small.size, max_slice_nums=9)
     (source,) = slice_image(small, plan)
-    assert source.size == plan.source_size
-    assert np.array_equal(np.asarray(source), np.asarray(small.resize(plan.source_size, Image.BICUBIC)))
+    assert np.array_equal(source.numpy(), np.asarray(small.resize(plan.source_size, Image.BICUBIC)))
 
 
 def test_slice_image_rejects_a_plan_for_another_size(coffee):

@@ -28,7 +28,7 @@ from finetune.models.loading import CheckpointError, build_model, load_model
 from finetune.models.minicpm_llama3_v2_5 import MiniCPMLlama3V25
 from finetune.models.minicpm_v2 import MiniCPMForCausalLM, MiniCPMV2
 from finetune.models.minicpm_v2_6 import MiniCPMV26
-from finetune.models.minicpmv import LOSS_CHUNKS, ImageTextMismatchError
+from finetune.models.minicpmv import LOSS_CHUNKS, ImageTextMismatchError, normalize_pixels
 from finetune.models.resampler import Resampler, sincos_1d, sincos_2d
 
 P = 14  # patch size
@@ -81,10 +81,11 @@ def to_strip(image: torch.Tensor) -> torch.Tensor:
 
 
 def strip_batch(images: list[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-contract pixel_values [S, 3, P, L*P] (zero-padded on the right) and tgt_sizes [S, 2]."""
+    """Strips [S, 3, P, L*P] of the images' dtype (zero-padded on the right) and tgt_sizes [S, 2]: the
+    batch contract's pixel_values for uint8 images, the vision encoder's input for normalised ones."""
     strips = [to_strip(image) for image in images]
     longest = length if length is not None else max((s.shape[2] // P for s in strips), default=0)
-    pixel_values = torch.zeros(len(strips), 3, P, longest * P)
+    pixel_values = torch.zeros(len(strips), 3, P, longest * P, dtype=images[0].dtype if images else torch.uint8)
     for slot, strip in zip(pixel_values, strips):
         slot[:, :, : strip.shape[2]] = strip
     sizes = [(image.shape[1] // P, image.shape[2] // P) for image in images]
@@ -117,7 +118,7 @@ def make_batch(config: dict, samples: list[tuple[int, list[tuple[int, int]]]], s
             bounds.append((index, len(ids), len(ids) + query_num))
             ids += [UNK] * query_num + [IMAGE_END] + text(3)
             placeholder += [False] + [True] * query_num + [False] * 4
-            images.append(torch.rand(3, h * P, w * P, generator=generator) * 2 - 1)
+            images.append(torch.randint(0, 256, (3, h * P, w * P), generator=generator, dtype=torch.uint8))
         rows.append(ids)
         placeholder_rows.append(placeholder)
     batch_size, length = len(rows), max(len(r) for r in rows)
@@ -134,8 +135,7 @@ def make_batch(config: dict, samples: list[tuple[int, list[tuple[int, int]]]], s
         supervised[0] = False
         labels[b, :n] = torch.where(supervised, torch.tensor(ids), torch.tensor(-100))
     pixel_values, tgt_sizes = strip_batch(images)
-    if not images:
-        pixel_values = torch.zeros(0, 3, P, 0)
+    pixel_values = pixel_values.permute(0, 2, 3, 1).contiguous()  # the contract's channels-last uint8
     for b, start, end in bounds:  # sanity of the helper itself
         assert input_ids[b, start - 1] == IMAGE_START and input_ids[b, end] == IMAGE_END
         assert bool((input_ids[b, start:end] == UNK).all())
@@ -351,7 +351,7 @@ def test_forward_backward_with_mixed_images(family, load_tiny):
     model, config = load_tiny(family)
     model.train()
     batch = make_batch(config, MIXED_SAMPLES)
-    assert batch["pixel_values"].shape == (5, 3, P, 9 * P)
+    assert batch["pixel_values"].shape == (5, P, 9 * P, 3)
 
     loss = model(**batch).loss
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -376,7 +376,7 @@ def test_text_only_batch_keeps_vision_in_graph(family, load_tiny):
     model, config = load_tiny(family)
     model.train()
     batch = make_batch(config, [(9, []), (5, [])])
-    assert batch["pixel_values"].shape == (0, 3, P, 0)
+    assert batch["pixel_values"].shape == (0, P, 0, 3)
     loss = model(**batch).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -566,7 +566,8 @@ def test_quirk_2_0_image_features_unscaled(family, load_tiny):
         embeds = model.embed_inputs(
             batch["input_ids"], batch["pixel_values"], batch["tgt_sizes"], batch["image_bound"], batch["slice_counts"]
         )
-        features = model.encode_slices(batch["pixel_values"], batch["tgt_sizes"])
+        pixels = normalize_pixels(batch["pixel_values"], batch["tgt_sizes"], torch.float32)
+        features = model.encode_slices(pixels, batch["tgt_sizes"])
         text = model.llm.model.embed_tokens(batch["input_ids"]) * scale
     is_image = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     for k, (b, start, end) in enumerate(batch["image_bound"].tolist()):

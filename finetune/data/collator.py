@@ -27,13 +27,13 @@ class MiniCPMVCollator:
     """Pads text and packs every slice of the batch into one pixel tensor.
 
     Input samples (from `ConversationDataset`): `input_ids` and `labels` long [T_i], `slices` a list
-    of float [3, H, W] tensors (images in text order, each: source then grid cells row by row), and
+    of uint8 [H, W, 3] tensors (images in text order, each: source then grid cells row by row), and
     `image_spans` long [n_i], the start of each slice's placeholder tokens.
 
     Output (B samples, T the longest, S slices in all, L the most patches of any slice, P the patch):
         input_ids long [B, T], pad-filled on the right; attention_mask long [B, T];
         position_ids long [B, T]; labels long [B, T], -100 on padding;
-        pixel_values float [S, 3, P, L*P]; tgt_sizes long [S, 2]; image_bound long [S, 3]
+        pixel_values uint8 [S, P, L*P, 3]; tgt_sizes long [S, 2]; image_bound long [S, 3]
         (sample, start, end); slice_counts long [B].
     """
 

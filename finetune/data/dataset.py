@@ -78,7 +78,7 @@ class SampleEncoder:
         return layouts, per_image
 
     def encode(self, record: dict, images: list[Image.Image]) -> dict:
-        """A training sample: `input_ids`, `labels`, `slices` ([3, H, W] each), `image_spans`."""
+        """A training sample: `input_ids`, `labels`, `slices` (uint8 [H, W, 3] each), `image_spans`."""
         layouts, per_image = self._slice_images(images)
         encoded = self.encode_text(record, layouts)
         return self._sample(encoded, per_image)

@@ -1,4 +1,4 @@
-"""The pixel path: open an image, cut it as a `SlicePlan` says, normalise, lay out strips.
+"""The pixel path: open an image, cut it as a `SlicePlan` says, lay out uint8 patch strips.
 
 One call per image for the data pipeline::
 
@@ -7,9 +7,10 @@ One call per image for the data pipeline::
     pixel_values, tgt_sizes = to_patch_strips(all_slices)
 
 Everything follows the reference preprocessing (spec sections 2.2, 3.1 and 3.2): RGB,
-PIL BICUBIC resizing, x / 255 then mean = std = 0.5, and the `reshape_by_patch` strip
-layout of MiniCPM-V 2.5/2.6. Shapes use P for the patch size (14), h and w for a slice's
-height and width in patches.
+PIL BICUBIC resizing and the `reshape_by_patch` strip layout of MiniCPM-V 2.5/2.6, in
+uint8. The last step, x / 255 then mean = std = 0.5, is the model's first operation
+(`finetune.models.minicpmv.normalize_pixels`), on the accelerator. Shapes use P for the
+patch size (14), h and w for a slice's height and width in patches.
 """
 
 from __future__ import annotations
@@ -119,21 +120,22 @@ def _too_large(path: str, width: int, height: int) -> ImageError:
     )
 
 
-def slice_image(image: Image.Image, plan: SlicePlan) -> list[Image.Image]:
-    """Cut an image into the slices `plan` describes, as the reference does.
+def slice_image(image: Image.Image, plan: SlicePlan) -> list[torch.Tensor]:
+    """Cut an image into the slices `plan` describes, as the reference does, as uint8 pixels.
 
     The source slice is the whole image resized (BICUBIC) to `plan.source_size`. The
     grid cells come from one BICUBIC resize of the whole image to `plan.refine_size`,
-    cropped top to bottom, left to right; resizing once and cropping (rather than
-    resizing each crop) matters, since bicubic weights look across cell borders.
+    cut top to bottom, left to right; resizing once and cutting (rather than resizing
+    each crop) matters, since bicubic weights look across cell borders. The cells are
+    views of that one refined array: no copy per cell.
 
     Args:
         image: the original image, of size `plan.original_size`.
         plan: from `plan_slices(*image.size, ...)`.
 
     Returns:
-        `plan.num_slices` RGB images: [source, cell(0,0), cell(0,1), ...], their
-        sizes `plan.source_size` then `plan.slice_sizes`.
+        `plan.num_slices` uint8 tensors [H, W, 3]: [source, cell(0,0), cell(0,1), ...],
+        their (W, H) sizes `plan.source_size` then `plan.slice_sizes`.
 
     Raises:
         ValueError: if the image size is not the one the plan was made for.
@@ -141,35 +143,24 @@ def slice_image(image: Image.Image, plan: SlicePlan) -> list[Image.Image]:
     if image.size != plan.original_size:
         raise ValueError(f"image size {image.size} does not match the plan's {plan.original_size}")
     image = _as_rgb(image)
-    slices = [image.resize(plan.source_size, resample=Image.Resampling.BICUBIC)]
+    slices = [_pixels(image.resize(plan.source_size, resample=Image.Resampling.BICUBIC))]
     if plan.grid is None:
         return slices
-    # PIL's resize to the image's own size returns a copy; crop copies anyway, so skip it.
+    # PIL's resize to the image's own size only copies; _pixels copies anyway, so skip it.
     refined = image
     if plan.refine_size != image.size:
         refined = image.resize(plan.refine_size, resample=Image.Resampling.BICUBIC)
+    pixels = _pixels(refined)
     (cols, rows), (cell_w, cell_h) = plan.grid, plan.slice_sizes[0]
     for row in range(rows):
         for col in range(cols):
-            box = (col * cell_w, row * cell_h, (col + 1) * cell_w, (row + 1) * cell_h)
-            slices.append(refined.crop(box))
+            slices.append(pixels[row * cell_h : (row + 1) * cell_h, col * cell_w : (col + 1) * cell_w])
     return slices
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """Normalise an image as the reference does: x / 255, then (x - 0.5) / 0.5.
-
-    Args:
-        image: a PIL image (converted to RGB if it is not).
-
-    Returns:
-        float32 [3, H, W] with values in [-1, 1].
-    """
-    # One copy out of PIL (np.array, writable so torch does not warn), then the exact
-    # float32 operations of torchvision's ToTensor + Normalize, in place.
-    pixels = torch.from_numpy(np.array(_as_rgb(image), dtype=np.uint8))  # [H, W, 3]
-    chw = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    return chw.div_(255).sub_(0.5).div_(0.5)
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """uint8 [H, W, 3] of an RGB image (one copy out of PIL, writable so torch does not warn)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 def preprocess_image(
@@ -179,7 +170,7 @@ def preprocess_image(
     scale_resolution: int = 448,
     patch_size: int = 14,
 ) -> tuple[SlicePlan, list[torch.Tensor]]:
-    """Plan, slice and normalise one image: the data pipeline's single call per image.
+    """Plan and slice one image: the data pipeline's single call per image.
 
     Args:
         image: the original image (e.g. from `open_image`).
@@ -189,9 +180,8 @@ def preprocess_image(
 
     Returns:
         (plan, slices): the `SlicePlan` (its `tgt_sizes` and `grid` drive the
-        placeholder text) and `plan.num_slices` float32 tensors [3, H_k, W_k] in
-        [-1, 1], source first, with (H_k // patch_size, W_k // patch_size) ==
-        plan.tgt_sizes[k].
+        placeholder text) and `plan.num_slices` uint8 tensors [H_k, W_k, 3], source
+        first, with (H_k // patch_size, W_k // patch_size) == plan.tgt_sizes[k].
 
     Raises:
         ValueError: from `plan_slices`, for invalid settings.
@@ -202,50 +192,50 @@ def preprocess_image(
         scale_resolution=scale_resolution,
         patch_size=patch_size,
     )
-    return plan, [image_to_tensor(piece) for piece in slice_image(image, plan)]
+    return plan, slice_image(image, plan)
 
 
-def to_patch_strips(
-    slices: Sequence[torch.Tensor | Image.Image], patch_size: int = 14
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch slices in the `reshape_by_patch` strip layout of the batch contract.
+def to_patch_strips(slices: Sequence[torch.Tensor], patch_size: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch uint8 slices in the `reshape_by_patch` strip layout of the batch contract.
 
     Each slice is cut into P x P patches in row-major order and the patches are laid
-    side by side, giving a one-patch-tall strip [3, P, h*w*P]; strips are zero-padded on
+    side by side, giving a one-patch-tall strip [P, h*w*P, 3]; strips are zero-padded on
     the right to the longest one. A conv with kernel = stride = P over a strip yields the
-    same patch sequence as over the image.
+    same patch sequence as over the image. The pixels stay uint8 and channels-last, as
+    decoded: the model normalises them and moves channels first on its own device
+    (`finetune.models.minicpmv.normalize_pixels`), so workers, shared memory and the
+    host-to-device copy move a quarter of float32's bytes, and the layout copy moves
+    whole patch rows (P * 3 bytes) instead of single bytes.
 
     Args:
-        slices: S slices, each either an already-normalised float tensor [3, H, W]
-            (as `preprocess_image` returns) or a PIL image, normalised here with
-            `image_to_tensor`. H and W must be multiples of `patch_size`.
+        slices: S uint8 tensors [H, W, 3] (as `preprocess_image` returns); H and W must
+            be multiples of `patch_size`.
         patch_size: P.
 
     Returns:
-        (pixel_values, tgt_sizes): float32 [S, 3, P, L*P] with L the largest h*w, and
-        long [S, 2] of (h, w) per slice. S = 0 gives [0, 3, P, 0] and [0, 2].
+        (pixel_values, tgt_sizes): uint8 [S, P, L*P, 3] with L the largest h*w, and
+        long [S, 2] of (h, w) per slice. S = 0 gives [0, P, 0, 3] and [0, 2].
 
     Raises:
-        ValueError: if a slice is not [3, H, W] with H and W multiples of `patch_size`.
+        ValueError: if a slice is not uint8 [H, W, 3] with H and W multiples of `patch_size`.
     """
-    tensors = [image_to_tensor(s) if isinstance(s, Image.Image) else s for s in slices]
-    grids = [_patch_grid(t, patch_size, index) for index, t in enumerate(tensors)]
+    grids = [_patch_grid(piece, patch_size, index) for index, piece in enumerate(slices)]
     longest = max((h * w for h, w in grids), default=0)
     # Uninitialised (in shared memory inside a DataLoader worker): every element is written
     # below, the strips by the copy and the padding by fill_.
-    pixel_values = _empty_batch((len(tensors), 3, patch_size, longest * patch_size))
-    for slot, tensor, (h, w) in zip(pixel_values, tensors, grids):
+    pixel_values = _empty_batch((len(slices), patch_size, longest * patch_size, 3))
+    for slot, piece, (h, w) in zip(pixel_values, slices, grids):
         # Write straight into the padded batch: view the slot's strip as
-        # [3, P(row in patch), h, w, P(col in patch)] and copy the image's
-        # [3, h, P, w, P] into it with the two middle axes swapped. No per-patch loop.
-        strip = slot[:, :, : h * w * patch_size].view(3, patch_size, h, w, patch_size)
-        strip.copy_(tensor.view(3, h, patch_size, w, patch_size).permute(0, 2, 1, 3, 4))
-        slot[:, :, h * w * patch_size :].fill_(0)
+        # [P(row in patch), h, w, P(col in patch), 3] and copy the slice's [h, P, w, P, 3]
+        # into it with the first two axes swapped. No per-patch loop.
+        strip = slot[:, : h * w * patch_size].view(patch_size, h, w, patch_size, 3)
+        strip.copy_(piece.view(h, patch_size, w, patch_size, 3).permute(1, 0, 2, 3, 4))
+        slot[:, h * w * patch_size :].fill_(0)
     return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(len(grids), 2)
 
 
 def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor; in shared memory when built in a DataLoader worker.
+    """An uninitialised uint8 tensor; in shared memory when built in a DataLoader worker.
 
     A worker sends its batch to the main process through shared memory, copying every tensor
     that is not there yet; allocating the pixels there (as torch's default_collate does) skips
@@ -253,20 +243,21 @@ def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
     """
     numel = math.prod(shape)
     if numel and torch.utils.data.get_worker_info() is not None:
-        prototype = torch.empty(0, dtype=torch.float32)
+        prototype = torch.empty(0, dtype=torch.uint8)
         return prototype.new(prototype._typed_storage()._new_shared(numel)).view(shape)
-    return torch.empty(shape, dtype=torch.float32)
+    return torch.empty(shape, dtype=torch.uint8)
 
 
-def _patch_grid(tensor: torch.Tensor, patch_size: int, index: int) -> tuple[int, int]:
-    """(h, w) in patches of a [3, H, W] slice, checking it tiles exactly."""
-    shape = tuple(tensor.shape)
-    if len(shape) != 3 or shape[0] != 3 or shape[1] % patch_size or shape[2] % patch_size or 0 in shape:
+def _patch_grid(piece: torch.Tensor, patch_size: int, index: int) -> tuple[int, int]:
+    """(h, w) in patches of a uint8 [H, W, 3] slice, checking it tiles exactly."""
+    shape = tuple(piece.shape)
+    if (piece.dtype != torch.uint8 or len(shape) != 3 or shape[2] != 3 or shape[0] % patch_size
+            or shape[1] % patch_size or 0 in shape):
         raise ValueError(
-            f"slice {index} has shape {shape}; expected [3, H, W] with H and W "
+            f"slice {index} is {piece.dtype} {shape}; expected uint8 [H, W, 3] with H and W "
             f"positive multiples of the patch size {patch_size}"
         )
-    return shape[1] // patch_size, shape[2] // patch_size
+    return shape[0] // patch_size, shape[1] // patch_size
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -276,7 +267,6 @@ def _as_rgb(image: Image.Image) -> Image.Image:
 __all__ = [
     "MAX_IMAGE_PIXELS",
     "ImageError",
-    "image_to_tensor",
     "open_image",
     "preprocess_image",
     "slice_image",

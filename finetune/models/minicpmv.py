@@ -29,6 +29,33 @@ RESAMPLER_HEAD_DIM = 128
 # 128k vocabulary that is 1.5 MB per position). A fixed count, not a fixed size: every rank calls
 # lm_head equally often, which ZeRO-3's parameter gathering needs.
 LOSS_CHUNKS = 8
+# What each uint8 pixel value becomes: the reference's float32 ToTensor (x / 255) then Normalize
+# (mean = std = 0.5), computed once on the CPU. Looking values up, rather than dividing on the
+# accelerator, keeps them bit-identical on every device (CUDA turns a division by a scalar into a
+# multiplication by its reciprocal).
+PIXEL_VALUES = torch.arange(256, dtype=torch.float32).div(255).sub(0.5).div(0.5)
+
+
+def normalize_pixels(pixel_values: torch.Tensor, tgt_sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The vision encoder's input from the batch's uint8 strips: normalised, channels first, padding 0.
+
+    Args:
+        pixel_values: uint8 [S, P, L*P, 3] strips, channels last (docs/architecture.md).
+        tgt_sizes: long [S, 2], (h, w) in patches; slice i fills the first h_i * w_i patches.
+        dtype: the result's dtype (the model's compute dtype).
+
+    Returns:
+        [S, 3, P, L*P] in `dtype`, values in [-1, 1] and 0 past each slice's patches, as the
+        reference's float32 pipeline pads them (2.5's vision encoder sees the padding).
+    """
+    if pixel_values.dtype != torch.uint8:
+        raise TypeError(f"pixel_values must be uint8 strips from MiniCPMVCollator, got {pixel_values.dtype}")
+    patch = pixel_values.shape[1]
+    table = PIXEL_VALUES.to(pixel_values.device, dtype)
+    values = table.index_select(0, pixel_values.flatten().int()).view(pixel_values.shape)  # 2x indexing's speed
+    columns = torch.arange(pixel_values.shape[2], device=pixel_values.device)
+    filled = columns < (tgt_sizes.to(pixel_values.device).prod(-1, keepdim=True) * patch)  # [S, L*P]
+    return values.masked_fill_(~filled[:, None, :, None], 0).permute(0, 3, 1, 2).contiguous()
 
 
 class ImageTextMismatchError(ValueError):
@@ -154,7 +181,7 @@ class MiniCPMV(PreTrainedModel, GenerationMixin):
             return embeds
 
         self._check_image_bound(input_ids, image_bound, slice_counts, num_slices)
-        features = self.encode_slices(pixel_values.to(embeds.dtype), tgt_sizes)
+        features = self.encode_slices(normalize_pixels(pixel_values, tgt_sizes, embeds.dtype), tgt_sizes)
         span = torch.arange(self.query_num, device=embeds.device)
         rows = image_bound[:, :1].to(embeds.device).expand(-1, self.query_num)
         columns = image_bound[:, 1:2].to(embeds.device) + span
