@@ -74,6 +74,8 @@ class ChatEncoder:
         self.tokens = tokens
         self.query_num = query_num
         self._newline = self._text("\n")
+        # Token ids around each role's content, tokenised once: every turn of every sample uses them.
+        self._frames = {role: self._turn_frame(role) for role in ("system", "user", "assistant")}
 
     def _text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -150,7 +152,7 @@ class ChatEncoder:
         answer_tokens = 0
         for message in messages:
             role = message["role"]
-            before, after = self._turn_frame(role)
+            before, after = self._frames[role]
             start = len(input_ids)
             input_ids.extend(before)
             labels.extend([IGNORE_INDEX] * len(before))
@@ -184,7 +186,7 @@ class ChatEncoder:
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("a generation prompt must end with a user turn")
         encoded = self._encode_all(messages, layouts)
-        encoded.input_ids.extend(self._turn_frame("assistant")[0])
+        encoded.input_ids.extend(self._frames["assistant"][0])
         encoded.labels = [IGNORE_INDEX] * len(encoded.input_ids)
         return encoded
 
