@@ -1,7 +1,7 @@
 """Data-path throughput on the CPU: ours beside a straightforward reference-recipe-style path.
 
-    .venv/bin/python bench/data_throughput.py                  # ~4 min on 2 busy CPU cores
-    .venv/bin/python bench/data_throughput.py --rounds 5 --sets large --workers 0
+    .venv/bin/python bench/data_throughput.py                  # ~2 min on 2 CPU cores
+    .venv/bin/python bench/data_throughput.py --rounds 15 --sets small --workers 0
     .venv/bin/python bench/data_throughput.py --stages         # + CPU ms per step (decode, slice, ...)
     .venv/bin/python bench/data_throughput.py --profile small  # cProfile of both paths on one set
 
@@ -463,7 +463,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", default="small,mixed,large", help="comma-separated: small, mixed, large")
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader num_workers values")
-    parser.add_argument("--rounds", type=int, default=3, help="timed passes per path (median reported)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed passes per path (median reported)")
     parser.add_argument("--scale", type=int, default=1, help="multiplies the samples per set (48/24/12)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--profile", nargs="?", const="large", default=None, metavar="SET",
