@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.data.collator import MiniCPMVCollator  # noqa: E402
 from finetune.data.dataset import DataSettings, SampleEncoder  # noqa: E402
 from finetune.models.loading import build_model  # noqa: E402
+from finetune.models.minicpmv import normalize_pixels  # noqa: E402
 from finetune.models.tiny import tiny_config  # noqa: E402
 from finetune.models.tokenizer import load_tokenizer, special_token_ids, write_tiny_tokenizer  # noqa: E402
 
@@ -148,10 +149,10 @@ def to_reference_batch(batch: dict[str, torch.Tensor], pad_to: int | None) -> di
     pixel_values: list[list] = [[] for _ in range(rows)]
     tgt_sizes: list[list] = [[] for _ in range(rows)]
     image_bound: list[list] = [[] for _ in range(rows)]
-    patch = batch["pixel_values"].shape[2]
-    for strip, (h, w), (sample, start, end) in zip(
-        batch["pixel_values"], batch["tgt_sizes"].tolist(), batch["image_bound"].tolist()
-    ):
+    # The recipe's batch holds normalised float strips [3, P, h*w*P], one per slice.
+    strips = normalize_pixels(batch["pixel_values"], batch["tgt_sizes"], torch.float32)
+    patch = strips.shape[2]
+    for strip, (h, w), (sample, start, end) in zip(strips, batch["tgt_sizes"].tolist(), batch["image_bound"].tolist()):
         pixel_values[sample].append(strip[:, :, : h * w * patch].clone())
         tgt_sizes[sample].append((h, w))
         image_bound[sample].append((start, end))
