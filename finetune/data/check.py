@@ -11,6 +11,7 @@ what failed, so 8 ranks of a node do not each decode every image.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,8 +20,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from .dataset import SampleEncoder
-from .errors import DataError
-from .formats import load_conversations
+from .errors import DataError, DataErrors
+from .formats import image_file_exists, load_conversations
 from .images import ImageError, open_image
 from .templates import ConversationTooLongError, NothingToTrainError
 
@@ -64,20 +65,35 @@ class DataReport:
 
 
 def _undecodable_images(data_path: str, image_root: str | None) -> tuple[set[str], dict[str, str]]:
-    """(every existing image file the samples name, why each one that does not decode fails).
+    """(every existing image file validation asks about, why each of them that does not decode fails).
 
-    Each rank of a torch.distributed job decodes every world_size-th of the paths; the ranks then
+    Each rank of a torch.distributed job decodes every world_size-th of the files; the ranks then
     exchange their failures, so all of them return the same answer.
+
+    Raises:
+        DataErrors: the ranks see different image files (node-local copies that differ).
     """
-    records, _ = load_conversations(data_path, image_root=image_root)  # files that exist; nothing decoded
-    paths = sorted({image["path"] for batch in records.select_columns("images").iter(batch_size=10_000)
-                    for images in batch["images"] for image in images})
+    named: dict[str, str | None] = {}  # path -> why it is not a file
+
+    def remember(path: str) -> str | None:
+        named[path] = image_file_exists(path)
+        return named[path]
+
+    # Streaming: every sample is validated (each image path asked about once) but no table is written.
+    load_conversations(data_path, image_root=image_root, streaming=True, check_image=remember)
+    paths = sorted(path for path, problem in named.items() if problem is None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     failures = {path: reason for path in paths[rank::world] if (reason := decodes(path)) is not None}
     if world > 1:
-        everyone: list[dict[str, str]] = [{}] * world
-        dist.all_gather_object(everyone, failures)
-        failures = {path: reason for part in everyone for path, reason in part.items()}
+        digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+        everyone: list[tuple[str, dict[str, str]]] = [("", {})] * world
+        dist.all_gather_object(everyone, (digest, failures))
+        if len({digest for digest, _ in everyone}) > 1:
+            raise DataErrors([DataError(
+                data_path, None, None, None, "the ranks of this job see different image files",
+                "give every node the same data and images (a shared file system or identical copies)",
+            )])
+        failures = {path: reason for _, part in everyone for path, reason in part.items()}
     return set(paths), failures
 
 
@@ -86,7 +102,7 @@ def check_data(data_path: str, encoder: SampleEncoder, *, image_root: str | None
     decoded, failures = _undecodable_images(data_path, image_root)
 
     def check_image(path: str) -> str | None:
-        # Paths that do not exist (or are not files) were never decoded: `decodes` says why, at once.
+        # Paths that are not files were never decoded: `decodes` says why, at once.
         return failures.get(path) if path in decoded else decodes(path)
 
     records, errors = load_conversations(data_path, image_root=image_root, check_image=check_image)

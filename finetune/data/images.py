@@ -127,7 +127,8 @@ def slice_image(image: Image.Image, plan: SlicePlan) -> list[torch.Tensor]:
     grid cells come from one BICUBIC resize of the whole image to `plan.refine_size`,
     cut top to bottom, left to right; resizing once and cutting (rather than resizing
     each crop) matters, since bicubic weights look across cell borders. The cells are
-    views of that one refined array: no copy per cell.
+    views of that one refined array: no copy per cell (so pickling or saving one cell
+    carries the whole array; `.contiguous()` first where that matters).
 
     Args:
         image: the original image, of size `plan.original_size`.
