@@ -92,3 +92,25 @@ def test_two_ranks_share_the_image_decoding_of_validation(tmp_path, tiny_model_d
     assert len(errors) == 2 and len(ranks[0]["lengths"]) == 5, errors
     assert 'sample 4 (id "s4"), field image: image file is corrupt or truncated' in errors[0], errors
     assert 'sample 6 (id "s6"), field image: image file not found' in errors[1], errors
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_image_files_stop_with_a_data_error(tmp_path, tiny_model_dir):
+    # Node-local copies that differ: the round-robin split would leave images unchecked.
+    for rank, names in enumerate([["chelsea.jpg", "coffee.jpg"], ["chelsea.jpg"]]):
+        (tmp_path / f"images{rank}").mkdir()
+        for name in names:
+            shutil.copy(IMAGES / name, tmp_path / f"images{rank}" / name)
+    samples = [
+        {"id": name, "image": name, "conversations": [
+            {"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A photo."}]}
+        for name in ["chelsea.jpg", "coffee.jpg"]
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    _torchrun_two_ranks(SCRIPTS / "ranks_share_image_checks.py", tmp_path, data, tiny_model_dir("2.6"), tmp_path / "images")
+
+    for rank in (0, 1):
+        stopped = json.loads((tmp_path / f"rank{rank}.json").read_text())["stopped"]
+        assert f"{data}: the ranks of this job see different image files; give every node the same data and " \
+               "images (a shared file system or identical copies)" in [line.strip() for line in stopped.splitlines()], stopped
