@@ -25,7 +25,7 @@ from finetune.data.dataset import DataSettings
 from finetune.data.hf_native import NativeSampleEncoder
 from finetune.data.templates import IGNORE_INDEX
 from finetune.models.config import detect_family
-from finetune.models.hf_native import MODEL_CLASS_NAMES, load_processor
+from finetune.models.hf_native import MODEL_CLASS_NAMES, load_processor, model_class
 from finetune.models.loading import build_model, load_model, read_config
 from finetune.models.minicpmv import LOSS_CHUNKS
 from finetune.train.args import TuningArguments
@@ -427,6 +427,19 @@ def test_native_training_learns_the_sample_set(family, mode, profile, tiny_dirs,
         assert type(trained).__name__ == MODEL_CLASS_NAMES[family]
         for part in ("model.language_model.layers.0", "model.vision_tower.encoder.layers.0"):
             assert not torch.equal(*(next(m.get_submodule(part).parameters()) for m in (trained, base))), part
+        # The output names its weights as the base does (llava: `language_model.model.*`, `vision_tower.*`),
+        # and plain transformers loads exactly DeepSpeed's trained (fp32 master) weights from it.
+        with safe_open(out / "model.safetensors", "pt") as saved, \
+                safe_open(tiny_dirs[family] / "model.safetensors", "pt") as original:
+            assert sorted(saved.keys()) == sorted(original.keys())
+        plain, info = model_class(family).from_pretrained(out, output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        master = get_fp32_state_dict_from_zero_checkpoint(out / f"checkpoint-{steps}")
+        loaded = plain.state_dict()
+        assert sorted(loaded) == sorted(master)
+        assert all(torch.equal(loaded[name], master[name]) for name in master)
     assert load_processor(out, family).image_token  # the output keeps the base's processor files
     assert json.loads((out / "run_config.json").read_text())["arguments"]["family"] == family
 

@@ -131,11 +131,28 @@ def load_hf_native(
             f"{path}: the weights do not match a {MODEL_CLASS_NAMES[family]}; "
             f"missing: {sorted(info['missing_keys'])[:10]}, unexpected: {sorted(info['unexpected_keys'])[:10]}"
         )
+    _keep_used_weight_conversions(model)
     _touch_vision_on_text_only_batches(model, family)
     _loss_at_supervised_positions(model, family)
     if family == "4.6":
         model.model.merger.__class__ = _batched_merger_class()  # same module and parameters, another forward
     return model
+
+
+def _keep_used_weight_conversions(model: nn.Module) -> None:
+    """Keeps, of the key renamings transformers recorded while loading, only those the checkpoint used.
+
+    `save_pretrained` reverses `model._weight_conversions` to write the checkpoint's own key names.
+    The regular loader records only the transforms that matched a key (`WeightTransform.was_used`);
+    the ZeRO-3 loader (`integrations/deepspeed.py: _load_state_dict_into_zero3_model`, transformers
+    5.x) records every registered one, legacy fix-ups included. Reversed, the unused ones rename the
+    saved keys: a llava trained under ZeRO-3 would save `language_model.model.model.*` and
+    `vision_tower.vision_model.*` for the base's `language_model.model.*` and `vision_tower.*`
+    (transformers 5 reads them back only through those legacy fix-ups).
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
 def _touch_vision_on_text_only_batches(model: nn.Module, family: NativeFamily) -> None:
